@@ -1,0 +1,287 @@
+"""LightRNN (Li, Qin, Yang, Liu: "LightRNN: Memory and Computation-Efficient Recurrent
+Neural Networks", NIPS 2016, arXiv 1610.09893) and the shared LSTM language-model API.
+
+Shape legend: B batch, T time steps (words), D embedding width, H hidden width,
+L LSTM layers, V vocabulary, R table rows, C table columns.
+
+One LSTM reads the row and then the column vector of every word, as the official
+CNTK implementation does, so each word costs two steps of the same recurrence:
+
+    input:   r(x1) c(x1) r(x2) c(x2) ... r(xT) c(xT) | r(yT)
+    output:   h0    h1    h2    h3   ...  h2T-2 h2T-1 | h2T
+    h after c(xt) predicts r(yt)          (row head, softmax over non-empty rows)
+    h after r(yt) predicts c(yt)          (column head, softmax over that row's
+                                           occupied cells; r(yt) = r(x(t+1)))
+
+The carried state is the state after c(xT): it summarises whole words only, so
+segments chain exactly. The extra step r(yT) serves the last column prediction.
+
+    log P(w | ctx) = log P_row(r(w) | ctx) + log P_col(c(w) | ctx, r(w))
+
+Empty cells (R * C > V) and empty rows are masked out, so P sums to one over
+exactly the V words.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightrnn.allocation import Allocation, AllocationError
+from lightrnn.config import ModelConfig
+
+State = tuple[Tensor, Tensor]  # LSTM (h, c), each (L, B, H)
+
+
+def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> Tensor:
+    """Return `tokens` as int64, or raise if they are not in-range word ids."""
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+        raise ValueError(f"{name} must be integer word ids, got dtype {tokens.dtype}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must be a (batch, time) tensor, got shape {tuple(tokens.shape)}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
+        raise ValueError(
+            f"{name} holds id {int(bad)}, outside the vocabulary 0..{vocab_size - 1}: "
+            f"encode text with the vocabulary the model was built for"
+        )
+    return tokens.long()
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph between truncated-BPTT segments, keeping the values."""
+    return None if state is None else (state[0].detach(), state[1].detach())
+
+
+class LSTMCore(nn.Module):
+    """Dropout -> multi-layer LSTM -> dropout; the recurrence every model here shares."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(
+            config.embed_dim,
+            config.hidden_dim,
+            config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x_BTD: Tensor, state: State | None) -> tuple[Tensor, State]:
+        h_BTH, state = self.lstm(self.drop(x_BTD), state)
+        return self.drop(h_BTH), state
+
+
+class LanguageModel(nn.Module):
+    """What every model here offers: a training loss and exact next-word distributions."""
+
+    config: ModelConfig
+
+    def forward(self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Mean negative log-likelihood of `targets_BT` given `tokens_BT`, and the carried state."""
+        logp_BT, state = self.target_log_probs(tokens_BT, targets_BT, state)
+        return -logp_BT.mean(), state
+
+    def target_log_probs(
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+    ) -> tuple[Tensor, State]:
+        """log P(targets[:, t] | tokens[:, :t+1], state) for every position: (B, T)."""
+        raise NotImplementedError
+
+    def next_word_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Exact log-distribution over all V words for the word after each sequence: (B, V)."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+
+class LightRNN(LanguageModel):
+    """Words as (row, column) pairs of a shared R x C table; see the module docstring."""
+
+    def __init__(self, config: ModelConfig, allocation: Allocation) -> None:
+        super().__init__()
+        if config.kind != "lightrnn":
+            raise ValueError(f"LightRNN needs config.kind='lightrnn', got {config.kind!r}")
+        if allocation.vocab_size != config.vocab_size:
+            raise AllocationError(
+                f"allocation covers {allocation.vocab_size} words but the model's vocabulary has {config.vocab_size}"
+            )
+        self.config = config
+        self.num_rows, self.num_cols = allocation.num_rows, allocation.num_cols
+        self.row_embed = nn.Embedding(self.num_rows, config.embed_dim)
+        self.col_embed = nn.Embedding(self.num_cols, config.embed_dim)
+        self.core = LSTMCore(config)
+        self.row_head = nn.Linear(config.hidden_dim, self.num_rows)
+        self.col_head = nn.Linear(config.hidden_dim, self.num_cols)
+        self.register_buffer("row_of", torch.empty(config.vocab_size, dtype=torch.long))
+        self.register_buffer("col_of", torch.empty(config.vocab_size, dtype=torch.long))
+        self.register_buffer("occupied_RC", torch.empty(self.num_rows, self.num_cols, dtype=torch.bool))
+        self.set_allocation(allocation)
+        nn.init.uniform_(self.row_embed.weight, -0.1, 0.1)
+        nn.init.uniform_(self.col_embed.weight, -0.1, 0.1)
+
+    # -- the word table ---------------------------------------------------------------
+
+    def set_allocation(self, allocation: Allocation) -> None:
+        """Move words to new cells (after a reallocation); the table shape cannot change."""
+        if (allocation.num_rows, allocation.num_cols) != (self.num_rows, self.num_cols):
+            raise AllocationError(
+                f"allocation table is {allocation.num_rows} x {allocation.num_cols}, the model's is "
+                f"{self.num_rows} x {self.num_cols}"
+            )
+        if allocation.vocab_size != self.config.vocab_size:
+            raise AllocationError(
+                f"allocation covers {allocation.vocab_size} words, model has {self.config.vocab_size}"
+            )
+        with torch.no_grad():
+            self.row_of.copy_(torch.from_numpy(allocation.row_of))
+            self.col_of.copy_(torch.from_numpy(allocation.col_of))
+            self.occupied_RC.copy_(torch.from_numpy(allocation.occupied()))
+
+    def allocation(self) -> Allocation:
+        return Allocation(self.row_of.cpu().numpy(), self.col_of.cpu().numpy(), self.num_rows, self.num_cols)
+
+    # -- the recurrence ---------------------------------------------------------------
+
+    def _interleave(self, tokens_BT: Tensor) -> Tensor:
+        """(B, T) words -> (B, 2T, D) inputs r(x1), c(x1), r(x2), c(x2), ..."""
+        rows_BTD = self.row_embed(self.row_of[tokens_BT])
+        cols_BTD = self.col_embed(self.col_of[tokens_BT])
+        B, T, D = rows_BTD.shape
+        return torch.stack((rows_BTD, cols_BTD), dim=2).reshape(B, 2 * T, D)
+
+    def head_inputs(
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+    ) -> tuple[Tensor, Tensor, State]:
+        """Hidden states feeding the row head and the column head for every target.
+
+        Returns (h_row_BTH, h_col_BTH, state): h_row[:, t] predicts r(y_t), h_col[:, t]
+        predicts c(y_t) given r(y_t). Cost accumulation for reallocation sums these.
+        """
+        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+        targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
+        if tokens_BT.shape != targets_BT.shape:
+            raise ValueError(f"tokens {tuple(tokens_BT.shape)} and targets {tuple(targets_BT.shape)} differ in shape")
+        if not torch.equal(targets_BT[:, :-1], tokens_BT[:, 1:]):
+            # the column step after r(x[t+1]) predicts c(y[t]); that is only right in a stream
+            raise ValueError("targets must be the tokens shifted by one (targets[:, t] == tokens[:, t + 1])")
+        h_B2TH, state = self.core(self._interleave(tokens_BT), state)
+        last_row_B1D = self.row_embed(self.row_of[targets_BT[:, -1:]])
+        h_last_B1H, _ = self.core(last_row_B1D, state)  # the r(yT) step; state stays after c(xT)
+        h_row_BTH = h_B2TH[:, 1::2]
+        h_col_BTH = torch.cat((h_B2TH[:, 2::2], h_last_B1H), dim=1)
+        return h_row_BTH, h_col_BTH, state
+
+    def _masked_row_logits(self, h_row: Tensor) -> Tensor:
+        logits = self.row_head(h_row)
+        empty_row = ~self.occupied_RC.any(dim=1)  # (R,) only when the table has spare rows
+        return logits.masked_fill(empty_row, torch.finfo(logits.dtype).min)
+
+    def _masked_col_logits(self, h_col: Tensor, occupied: Tensor) -> Tensor:
+        logits = self.col_head(h_col)
+        # finfo.min instead of -inf: a fully empty row then yields finite junk, not NaN
+        return logits.masked_fill(~occupied, torch.finfo(logits.dtype).min)
+
+    def target_log_probs(
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+    ) -> tuple[Tensor, State]:
+        h_row_BTH, h_col_BTH, state = self.head_inputs(tokens_BT, targets_BT, state)
+        targets_BT = targets_BT.long()
+        rows_BT, cols_BT = self.row_of[targets_BT], self.col_of[targets_BT]
+        row_logits_BTR = self._masked_row_logits(h_row_BTH)
+        col_logits_BTC = self._masked_col_logits(h_col_BTH, self.occupied_RC[rows_BT])
+        # two small softmaxes; a (B, T, V) tensor is never built
+        row_logp = -F.cross_entropy(row_logits_BTR.flatten(0, 1).float(), rows_BT.flatten(), reduction="none")
+        col_logp = -F.cross_entropy(col_logits_BTC.flatten(0, 1).float(), cols_BT.flatten(), reduction="none")
+        return (row_logp + col_logp).view_as(rows_BT), state
+
+    def next_word_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+        h_B2TH, state = self.core(self._interleave(tokens_BT), state)
+        B, R = tokens_BT.shape[0], self.num_rows
+        row_logp_BR = F.log_softmax(self._masked_row_logits(h_B2TH[:, -1]).float(), dim=-1)
+        # P_col depends on the row read: one LSTM step from the same state for every row
+        x_BR1D = self.row_embed.weight.unsqueeze(0).expand(B, R, -1).reshape(B * R, 1, -1)
+        state_rows = (state[0].repeat_interleave(R, dim=1), state[1].repeat_interleave(R, dim=1))
+        h_BR1H, _ = self.core(x_BR1D, state_rows)
+        col_logits_BRC = self._masked_col_logits(h_BR1H.view(B, R, -1), self.occupied_RC)
+        col_logp_BRC = F.log_softmax(col_logits_BRC.float(), dim=-1)
+        cell_logp = (row_logp_BR.unsqueeze(-1) + col_logp_BRC).view(B, R * self.num_cols)
+        return cell_logp[:, self.row_of * self.num_cols + self.col_of], state
+
+
+class FullSoftmaxLM(LanguageModel):
+    """The ordinary LSTM language model: V input vectors and a V-way softmax."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.core = LSTMCore(config)
+        self.head = nn.Linear(config.hidden_dim, config.vocab_size)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        if config.tie_weights:  # Press & Wolf 2017 / Inan et al. 2017; needs D == H
+            self.head.weight = self.embed.weight
+
+    def _hidden(self, tokens_BT: Tensor, state: State | None) -> tuple[Tensor, State]:
+        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+        return self.core(self.embed(tokens_BT), state)
+
+    def target_log_probs(
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+    ) -> tuple[Tensor, State]:
+        targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
+        h_BTH, state = self._hidden(tokens_BT, state)
+        logits_BTV = self.head(h_BTH).float()
+        logp = -F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), reduction="none")
+        return logp.view_as(targets_BT), state
+
+    def next_word_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        h_BTH, state = self._hidden(tokens_BT, state)
+        return F.log_softmax(self.head(h_BTH[:, -1]).float(), dim=-1), state
+
+
+class AdaptiveSoftmaxLM(LanguageModel):
+    """LSTM with an adaptive softmax head (Grave et al. 2017); word ids must be frequency-ordered."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.core = LSTMCore(config)
+        self.head = nn.AdaptiveLogSoftmaxWithLoss(
+            config.hidden_dim, config.vocab_size, list(config.resolved_cutoffs()), div_value=4.0
+        )
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def _hidden(self, tokens_BT: Tensor, state: State | None) -> tuple[Tensor, State]:
+        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+        return self.core(self.embed(tokens_BT), state)
+
+    def target_log_probs(
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+    ) -> tuple[Tensor, State]:
+        targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
+        h_BTH, state = self._hidden(tokens_BT, state)
+        out = self.head(h_BTH.flatten(0, 1).float(), targets_BT.flatten())
+        return out.output.view_as(targets_BT), state
+
+    def next_word_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        h_BTH, state = self._hidden(tokens_BT, state)
+        return self.head.log_prob(h_BTH[:, -1].float()), state
+
+
+def build_model(config: ModelConfig, allocation: Allocation | None = None) -> LanguageModel:
+    """The model `config.kind` names; LightRNN needs an allocation (random if None, seed 0)."""
+    if config.vocab_size < 2:
+        raise ValueError(f"set config.vocab_size (from the vocabulary) before building; got {config.vocab_size}")
+    if config.kind == "lightrnn":
+        return LightRNN(config, allocation if allocation is not None else Allocation.random(config.vocab_size))
+    if allocation is not None:
+        raise ValueError(f"an allocation only applies to kind='lightrnn', not {config.kind!r}")
+    if config.kind == "full":
+        return FullSoftmaxLM(config)
+    return AdaptiveSoftmaxLM(config)

@@ -1,0 +1,210 @@
+"""Single-process training and standard perplexity for any `LanguageModel` here.
+
+The token stream is cut into B parallel columns and read T words at a time
+(truncated BPTT), the LSTM state carried from one segment to the next:
+
+    stream: a b c d e f g h i j k l m n o p q r s t u v w x      (B = 4)
+
+           col 0  col 1  col 2  col 3
+            a      g      m      s      <- segment 1 inputs (T = 2): rows 0..1
+            b      h      n      t
+            c      i      o      u      <- segment 2 inputs: rows 2..3
+            d      j      p      v         targets are the next row down
+            e      k      q      w
+            f      l      r      x
+
+Evaluation scores every token of the stream: it is preceded by `<eos>` (the line
+end before the first line), split into `eval_batch_size` columns of equal length
+(the last padded, padding not scored), and read with the state carried across
+segments, as in pytorch/examples word_language_model and Zaremba et al. 2014.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lightrnn.config import TrainConfig
+from lightrnn.model import LanguageModel, State, detach_state
+
+
+class EmptyStreamError(ValueError):
+    """A token stream too short to form even one training segment."""
+
+
+def batchify(stream_N: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) stream -> (N // B, B) columns laid out as in the module docstring."""
+    stream = torch.as_tensor(np.asarray(stream_N), dtype=torch.long)
+    steps = stream.numel() // batch_size
+    if steps < 2:
+        raise EmptyStreamError(
+            f"a stream of {stream.numel()} tokens cannot fill {batch_size} columns of 2+ tokens: "
+            "use a larger corpus or a smaller batch_size"
+        )
+    return stream[: steps * batch_size].view(batch_size, steps).t().contiguous()
+
+
+def segments(data_NB: torch.Tensor, bptt: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens_BT, targets_BT) pairs walking down the columns; the last may be shorter."""
+    for i in range(0, data_NB.shape[0] - 1, bptt):
+        t = min(bptt, data_NB.shape[0] - 1 - i)
+        yield data_NB[i : i + t].t(), data_NB[i + 1 : i + 1 + t].t()
+
+
+@dataclass
+class EvalResult:
+    nll: float  # summed negative log-likelihood, nats
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+
+@torch.no_grad()
+def evaluate(
+    model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int = 10, bptt: int = 35, device: str = "cpu"
+) -> EvalResult:
+    """Perplexity over every token of `stream_N` (see the module docstring)."""
+    stream = torch.as_tensor(np.asarray(stream_N), dtype=torch.long)
+    if stream.numel() == 0:
+        raise EmptyStreamError("cannot evaluate on an empty stream")
+    full = torch.cat((torch.tensor([eos_id]), stream))  # N + 1 tokens, N targets
+    length = math.ceil(stream.numel() / batch_size)  # targets per column
+    padded = torch.full((batch_size * length + 1,), eos_id, dtype=torch.long)
+    padded[: full.numel()] = full
+    scored = torch.zeros(batch_size * length, dtype=torch.bool)
+    scored[: stream.numel()] = True
+    # column b reads padded[b*L : b*L + L + 1]: inputs then targets shifted by one
+    cols_BL1 = torch.stack([padded[b * length : b * length + length + 1] for b in range(batch_size)])
+    mask_BL = scored.view(batch_size, length)
+    was_training = model.training
+    model.eval()
+    nll, state = 0.0, None
+    cols_BL1, mask_BL = cols_BL1.to(device), mask_BL.to(device)
+    for i in range(0, length, bptt):
+        t = min(bptt, length - i)
+        x, y = cols_BL1[:, i : i + t], cols_BL1[:, i + 1 : i + 1 + t]
+        logp_BT, state = model.target_log_probs(x, y, state)
+        nll -= float(logp_BT[mask_BL[:, i : i + bptt]].double().sum())
+    model.train(was_training)
+    return EvalResult(nll=nll, tokens=int(stream.numel()))
+
+
+@dataclass
+class StepLog:
+    step: int
+    epoch: float
+    loss: float
+    lr: float
+    words_per_s: float
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    words: int = 0
+    seconds: float = 0.0
+    final_train_loss: float = float("nan")
+    history: list[StepLog] = field(default_factory=list)
+    valid: list[tuple[int, float]] = field(default_factory=list)  # (step, ppl) per epoch
+
+    @property
+    def words_per_s(self) -> float:
+        return self.words / self.seconds if self.seconds else 0.0
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Learning rate at `step` (0-based) of `total_steps`."""
+    if config.lr_schedule == "constant" or total_steps <= 1:
+        return config.lr
+    progress = min(step / (total_steps - 1), 1.0)
+    floor = config.lr * config.lr_min_ratio
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(train_stream_len: int, config: TrainConfig) -> int:
+    """Optimizer steps in the budget: max_steps if set, else `epochs` passes."""
+    if config.max_steps > 0:
+        return config.max_steps
+    per_epoch = math.ceil((train_stream_len // config.batch_size - 1) / config.bptt)
+    return max(1, round(per_epoch * config.epochs))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train(
+    model: LanguageModel,
+    train_stream: np.ndarray,
+    config: TrainConfig,
+    *,
+    valid_fn: Callable[[LanguageModel], float] | None = None,
+    on_log: Callable[[StepLog], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    steps_budget: int | None = None,
+) -> TrainResult:
+    """Train on `train_stream` for the configured budget; returns losses and timings.
+
+    `valid_fn(model) -> ppl` runs after every epoch and at the end. `start_step` and
+    `steps_budget` let a caller run one phase of a longer schedule (the LR follows the
+    whole schedule of `total_steps`).
+    """
+    data_NB = batchify(train_stream, config.batch_size).to(config.device)
+    schedule_len = total_steps(len(train_stream), config)
+    budget = steps_budget if steps_budget is not None else schedule_len - start_step
+    optimizer = optimizer or make_optimizer(model, config)
+    result = TrainResult()
+    model.train()
+    per_epoch = math.ceil((data_NB.shape[0] - 1) / config.bptt)
+    step, window_loss, window_words, window_start = start_step, 0.0, 0, time.perf_counter()
+    started, eval_seconds = time.perf_counter(), 0.0
+    while result.steps < budget:
+        state: State | None = None
+        for x_BT, y_BT in segments(data_NB, config.bptt):
+            lr = lr_at(step, schedule_len, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, state = model(x_BT, y_BT, detach_state(state))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            optimizer.step()
+            step += 1
+            result.steps += 1
+            words = x_BT.numel()
+            result.words += words
+            window_loss += float(loss.detach()) * words
+            window_words += words
+            result.final_train_loss = float(loss.detach())
+            last = result.steps >= budget
+            if step % config.log_every == 0 or last:
+                now = time.perf_counter()
+                log = StepLog(
+                    step, step / per_epoch, window_loss / window_words, lr, window_words / (now - window_start)
+                )
+                result.history.append(log)
+                if on_log:
+                    on_log(log)
+                window_loss, window_words, window_start = 0.0, 0, now
+            if last:
+                break
+        if valid_fn is not None:
+            eval_start = time.perf_counter()
+            result.valid.append((step, valid_fn(model)))
+            model.train()
+            window_start = time.perf_counter()
+            eval_seconds += window_start - eval_start
+    result.seconds = time.perf_counter() - started - eval_seconds  # training time only
+    return result
