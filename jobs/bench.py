@@ -25,17 +25,20 @@ BENCHMARKS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
-    modules = {}
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
-        modules[name] = module
-        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        p.add_argument("--json", action="store_true", help="end with one JSON line of results")
-        module.add_arguments(p)
-    args = parser.parse_args(argv)
-    result = modules[args.benchmark].run(args)
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    if not argv or argv[0] not in BENCHMARKS:
+        parser.parse_args(argv[:1])  # prints usage and the valid names, exits 2
+    # import only the chosen benchmark, so one benchmark's needs never block another
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    sub = argparse.ArgumentParser(
+        prog=f"python -m jobs.bench {argv[0]}", description=(module.__doc__ or "").strip().splitlines()[0]
+    )
+    sub.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    result = module.run(args)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     return 0

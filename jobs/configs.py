@@ -66,7 +66,7 @@ PRESETS: dict[str, RunConfig] = {
         name="ptb",
         data=DataConfig(train=_ptb("ptb.train.txt.xz"), valid=_ptb("ptb.valid.txt"), test=_ptb("ptb.test.txt")),
         model=ModelConfig(embed_dim=200, hidden_dim=200, num_layers=2, dropout=0.2),
-        train=TrainConfig(batch_size=20, bptt=35, epochs=3.0, lr=3e-3, log_every=200),
+        train=TrainConfig(batch_size=20, bptt=35, epochs=2.0, lr=3e-3, log_every=200),
     ),
 }
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ from lightrnn.model import LanguageModel, LightRNN, build_model
 from lightrnn.vocab import Vocabulary
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def _atomic_write_bytes(path: Path, write: Callable[[str], object]) -> None:
+    # torch.save names its zip archive after the file: keep a plain name with the real suffix
+    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

@@ -116,8 +116,9 @@ class LightRNN(LanguageModel):
         self.core = LSTMCore(config)
         self.row_head = nn.Linear(config.hidden_dim, self.num_rows)
         self.col_head = nn.Linear(config.hidden_dim, self.num_cols)
-        self.register_buffer("row_of", torch.empty(config.vocab_size, dtype=torch.long))
-        self.register_buffer("col_of", torch.empty(config.vocab_size, dtype=torch.long))
+        # int32: at V = 10M the lookup is 80 MB instead of 160 MB; ids stay below 2^31
+        self.register_buffer("row_of", torch.empty(config.vocab_size, dtype=torch.int32))
+        self.register_buffer("col_of", torch.empty(config.vocab_size, dtype=torch.int32))
         self.register_buffer("occupied_RC", torch.empty(self.num_rows, self.num_cols, dtype=torch.bool))
         self.set_allocation(allocation)
         nn.init.uniform_(self.row_embed.weight, -0.1, 0.1)
@@ -190,7 +191,7 @@ class LightRNN(LanguageModel):
     ) -> tuple[Tensor, State]:
         h_row_BTH, h_col_BTH, state = self.head_inputs(tokens_BT, targets_BT, state)
         targets_BT = targets_BT.long()
-        rows_BT, cols_BT = self.row_of[targets_BT], self.col_of[targets_BT]
+        rows_BT, cols_BT = self.row_of[targets_BT].long(), self.col_of[targets_BT].long()
         row_logits_BTR = self._masked_row_logits(h_row_BTH)
         col_logits_BTC = self._masked_col_logits(h_col_BTH, self.occupied_RC[rows_BT])
         # two small softmaxes; a (B, T, V) tensor is never built
@@ -210,7 +211,7 @@ class LightRNN(LanguageModel):
         col_logits_BRC = self._masked_col_logits(h_BR1H.view(B, R, -1), self.occupied_RC)
         col_logp_BRC = F.log_softmax(col_logits_BRC.float(), dim=-1)
         cell_logp = (row_logp_BR.unsqueeze(-1) + col_logp_BRC).view(B, R * self.num_cols)
-        return cell_logp[:, self.row_of * self.num_cols + self.col_of], state
+        return cell_logp[:, self.row_of.long() * self.num_cols + self.col_of.long()], state
 
 
 class FullSoftmaxLM(LanguageModel):

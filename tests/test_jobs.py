@@ -1,0 +1,60 @@
+"""The job entry points, run as a user runs them: `python -m jobs.NAME ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+from lightrnn.export import load_model
+
+
+def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_local_tiny_trains_reports_and_saves(tmp_path) -> None:
+    proc = run_job("jobs.train_local", "--config", "tiny", "--out", str(tmp_path / "model"), "--json")
+    result = last_json(proc)
+    assert result["model"] == "lightrnn" and result["steps"] == 40
+    assert 1 < result["test_ppl"] < 6022 and result["test_tokens"] == 82_430
+    assert "[done] lightrnn on tiny: test ppl" in proc.stdout
+    model, vocab = load_model(tmp_path / "model")
+    assert model.vocab_size == len(vocab) == 6022
+
+
+def test_train_local_refuses_bad_overrides() -> None:
+    proc = run_job("jobs.train_local", "--config", "tiny", "--set", "train.batch_size=0")
+    assert proc.returncode == 2 and "batch_size must be >= 1" in proc.stderr
+    proc = run_job("jobs.train_local", "--config", "tiny", "--set", "model.hidden=3")
+    assert proc.returncode == 2 and "unknown ModelConfig field 'hidden'" in proc.stderr
+    proc = run_job("jobs.train_local", "--config", "nope")
+    assert proc.returncode == 2 and "choose one of tiny, ptb" in proc.stderr
+
+
+def test_bench_size_reproduces_the_paper_headline() -> None:
+    result = last_json(
+        run_job("jobs.bench", "size", "--vocab", "10000000", "--embed", "1000", "--hidden", "1000", "--json")
+    )
+    assert (result["table_rows"], result["table_cols"]) == (3163, 3162)
+    # (R + C) vectors of width 1000 in, (R + C) x (H + 1) out, float32
+    assert result["lightrnn_embedding_bytes"] == (3163 + 3162) * (1000 + 1001) * 4 <= 51e6
+    assert 79e9 < result["full_softmax_param_bytes"] < 81e9
+    assert result["ratio"] > 900
+
+
+def test_bench_step_measures_every_model_side_by_side() -> None:
+    proc = run_job("jobs.bench", "step", "--vocab", "2000", "--hidden", "16", "--steps", "1", "--rounds", "1", "--json")
+    result = last_json(proc)
+    assert set(result["words_per_s"]) == {"lightrnn", "full", "adaptive"}
+    assert all(v > 0 for v in result["words_per_s"].values())
+    assert result["ratio_to_full"]["full"] == 1.0
