@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightrnn.config import ModelConfig, TrainConfig, replace_fields
+from lightrnn.config import ModelConfig, ReallocConfig, TrainConfig, replace_fields
 
+SECTIONS = ("data", "model", "train", "realloc")
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
@@ -27,26 +28,23 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
-    realloc_rounds: int = 0  # reallocations between training phases (LightRNN only)
+    realloc: ReallocConfig = field(default_factory=ReallocConfig)  # rounds=0: a fixed allocation
 
     def with_overrides(self, overrides: list[str]) -> RunConfig:
-        """Apply `section.field=value` strings, e.g. `model.hidden_dim=100`, `train.epochs=2`."""
+        """Apply `section.field=value` strings, e.g. `model.hidden_dim=100`, `realloc.rounds=2`."""
         grouped: dict[str, dict[str, str]] = {}
         for item in overrides:
             key, sep, value = item.partition("=")
             section, dot, name = key.partition(".")
-            if not sep or not dot or section not in ("data", "model", "train", "run"):
+            if not sep or not dot or section not in SECTIONS:
                 raise ValueError(
-                    f"override {item!r} must look like section.field=value with section data, model, "
-                    "train or run (e.g. model.hidden_dim=100, run.realloc_rounds=2)"
+                    f"override {item!r} must look like section.field=value with section one of "
+                    f"{', '.join(SECTIONS)} (e.g. model.hidden_dim=100, realloc.rounds=2)"
                 )
             grouped.setdefault(section, {})[name] = value
         config = self
         for section, values in grouped.items():
-            if section == "run":
-                config = replace_fields(config, values)
-            else:
-                config = dataclasses.replace(config, **{section: replace_fields(getattr(config, section), values)})
+            config = dataclasses.replace(config, **{section: replace_fields(getattr(config, section), values)})
         return config
 
 

@@ -21,7 +21,8 @@ from lightrnn.config import MODEL_KINDS
 from lightrnn.corpus import count_words, encode_file
 from lightrnn.export import save_model
 from lightrnn.model import build_model
-from lightrnn.train import StepLog, evaluate, train
+from lightrnn.phases import PhaseReport, train_with_reallocation
+from lightrnn.train import StepLog, evaluate
 from lightrnn.vocab import Vocabulary
 
 
@@ -61,7 +62,19 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
             flush=True,
         )
 
-    result = train(model, streams["train"], config.train, valid_fn=valid_ppl, on_log=log)
+    def phase_done(report: PhaseReport) -> None:
+        if report.realloc:
+            r = report.realloc
+            print(
+                f"[realloc] after phase {report.phase}: {r['words_moved']:,} of {len(vocab):,} words moved, "
+                f"cost {r['cost_before']:.4g} -> {r['cost_after']:.4g} ({r['seconds']:.1f}s solve, {r['method']})",
+                flush=True,
+            )
+
+    realloc = config.realloc if model_config.kind == "lightrnn" else dataclasses.replace(config.realloc, rounds=0)
+    result = train_with_reallocation(
+        model, streams["train"], config.train, realloc, valid_fn=valid_ppl, on_log=log, on_phase=phase_done
+    )
     test = evaluate(
         model, streams["test"], vocab.eos_id, config.train.eval_batch_size, config.train.bptt, config.train.device
     )
@@ -71,10 +84,14 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
         "params": n_params,
         "steps": result.steps,
         "train_words": result.words,
-        "train_seconds": round(result.seconds, 1),
+        "train_seconds": round(result.train_seconds, 1),
+        "realloc_rounds": realloc.rounds,
+        "realloc_seconds": round(result.realloc_seconds, 1),
+        "words_moved": [p.realloc["words_moved"] for p in result.phases if p.realloc],
+        "valid_ppl_per_phase": [round(p.valid_ppl, 2) for p in result.phases if p.valid_ppl is not None],
         "words_per_s": round(result.words_per_s, 1),
-        "final_train_loss": round(result.final_train_loss, 4),
-        "valid_ppl": round(result.valid[-1][1], 2),
+        "final_train_loss": round(result.phases[-1].train_loss, 4),
+        "valid_ppl": round(result.phases[-1].valid_ppl, 2),
         "test_ppl": round(test.ppl, 2),
         "test_tokens": test.tokens,
         "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -83,7 +100,7 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
         summary["saved_to"] = str(save_model(out_dir, model, vocab))
     print(
         f"[done] {model_config.kind} on {config.name}: test ppl {test.ppl:.2f} over {test.tokens:,} tokens, "
-        f"valid ppl {summary['valid_ppl']}, {result.steps} steps in {result.seconds:.0f}s "
+        f"valid ppl {summary['valid_ppl']}, {result.steps} steps in {result.train_seconds:.0f}s "
         f"({result.words_per_s:,.0f} words/s)" + (f"; saved to {out_dir}" if out_dir else ""),
         flush=True,
     )

@@ -122,3 +122,24 @@ def replace_fields(config: C, overrides: dict[str, str]) -> C:
         except ValueError as e:
             raise ValueError(f"{key}={text!r}: {e}") from e
     return dataclasses.replace(config, **parsed)  # type: ignore[type-var]
+
+
+REALLOC_METHODS = ("exact", "two_stage", "dense")
+
+
+@dataclass(frozen=True)
+class ReallocConfig:
+    rounds: int = 0  # reallocations between training phases; the budget is split into rounds + 1 phases
+    method: str = "exact"  # one of REALLOC_METHODS, see lightrnn.realloc
+    k: int = 10  # candidate rows x candidate columns per word (DESIGN: 10 x 10 moved thousands of PTB words)
+    cost_tokens: int = 0  # targets read by the cost pass; 0 = the whole training stream
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.method not in REALLOC_METHODS:
+            raise ValueError(f"realloc method must be one of {', '.join(REALLOC_METHODS)}; got {self.method!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.cost_tokens < 0:
+            raise ValueError(f"cost_tokens must be >= 0, got {self.cost_tokens}")

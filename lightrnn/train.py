@@ -49,9 +49,9 @@ def batchify(stream_N: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tens
     return stream[: steps * batch_size].view(batch_size, steps).t().contiguous()
 
 
-def segments(data_NB: torch.Tensor, bptt: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens_BT, targets_BT) pairs walking down the columns; the last may be shorter."""
-    for i in range(0, data_NB.shape[0] - 1, bptt):
+def segments(data_NB: torch.Tensor, bptt: int, first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens_BT, targets_BT) pairs walking down the columns from segment `first`; the last may be shorter."""
+    for i in range(first * bptt, data_NB.shape[0] - 1, bptt):
         t = min(bptt, data_NB.shape[0] - 1 - i)
         yield data_NB[i : i + t].t(), data_NB[i + 1 : i + 1 + t].t()
 
@@ -158,8 +158,9 @@ def train(
     """Train on `train_stream` for the configured budget; returns losses and timings.
 
     `valid_fn(model) -> ppl` runs after every epoch and at the end. `start_step` and
-    `steps_budget` let a caller run one phase of a longer schedule (the LR follows the
-    whole schedule of `total_steps`).
+    `steps_budget` let a caller run one phase of a longer schedule: the LR follows the
+    whole schedule of `total_steps`, and reading resumes at the segment where step
+    `start_step` falls (the LSTM state starts afresh there).
     """
     data_NB = batchify(train_stream, config.batch_size).to(config.device)
     schedule_len = total_steps(len(train_stream), config)
@@ -170,9 +171,10 @@ def train(
     per_epoch = math.ceil((data_NB.shape[0] - 1) / config.bptt)
     step, window_loss, window_words, window_start = start_step, 0.0, 0, time.perf_counter()
     started, eval_seconds = time.perf_counter(), 0.0
+    first = start_step % per_epoch
     while result.steps < budget:
         state: State | None = None
-        for x_BT, y_BT in segments(data_NB, config.bptt):
+        for x_BT, y_BT in segments(data_NB, config.bptt, first):
             lr = lr_at(step, schedule_len, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -200,6 +202,7 @@ def train(
                 window_loss, window_words, window_start = 0.0, 0, now
             if last:
                 break
+        first = 0
         if valid_fn is not None:
             eval_start = time.perf_counter()
             result.valid.append((step, valid_fn(model)))

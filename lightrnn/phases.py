@@ -1,0 +1,106 @@
+"""Single-process phase loop: train, accumulate costs, reallocate, train on (Li et al. 2016, Alg. 1).
+
+    budget of S optimizer steps, rounds = 2:
+
+    | phase 0: S/3 steps | costs + solve | phase 1: S/3 steps | costs + solve | phase 2: S/3 |
+
+The learning-rate schedule and the position in the data run across phases as if there
+were no breaks, so a run with reallocation and one without see the same batches in the
+same order with the same learning rates: only the allocation differs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lightrnn.config import ReallocConfig, TrainConfig
+from lightrnn.costs import accumulate_head_inputs, cost_blocks
+from lightrnn.model import LanguageModel, LightRNN
+from lightrnn.realloc import solve_reallocation
+from lightrnn.train import StepLog, make_optimizer, total_steps, train
+
+
+@dataclass
+class PhaseReport:
+    phase: int
+    end_step: int
+    train_loss: float
+    words_per_s: float
+    valid_ppl: float | None = None
+    realloc: dict[str, float | int | str] | None = None  # ReallocStats.as_dict() of the reallocation after it
+
+
+@dataclass
+class PhasedResult:
+    phases: list[PhaseReport] = field(default_factory=list)
+    steps: int = 0
+    words: int = 0
+    train_seconds: float = 0.0
+    realloc_seconds: float = 0.0  # cost passes and solves
+
+    @property
+    def words_per_s(self) -> float:
+        return self.words / self.train_seconds if self.train_seconds else 0.0
+
+
+def train_with_reallocation(
+    model: LanguageModel,
+    train_stream: np.ndarray,
+    train_config: TrainConfig,
+    realloc_config: ReallocConfig,
+    *,
+    valid_fn: Callable[[LanguageModel], float] | None = None,
+    on_log: Callable[[StepLog], None] | None = None,
+    on_phase: Callable[[PhaseReport], None] | None = None,
+) -> PhasedResult:
+    """Train for the configured budget, reallocating `realloc_config.rounds` times (LightRNN only)."""
+    rounds = realloc_config.rounds
+    if rounds and not isinstance(model, LightRNN):
+        raise ValueError(f"reallocation applies to LightRNN only, not {model.config.kind!r}; set rounds=0")
+    schedule = total_steps(len(train_stream), train_config)
+    if rounds >= schedule:
+        raise ValueError(f"{rounds} reallocation rounds need more than {schedule} training steps")
+    bounds = np.linspace(0, schedule, rounds + 2).round().astype(int)
+    optimizer = make_optimizer(model, train_config)
+    result = PhasedResult()
+    for phase in range(rounds + 1):
+        part = train(
+            model,
+            train_stream,
+            train_config,
+            on_log=on_log,
+            optimizer=optimizer,
+            start_step=int(bounds[phase]),
+            steps_budget=int(bounds[phase + 1] - bounds[phase]),
+        )
+        result.steps += part.steps
+        result.words += part.words
+        result.train_seconds += part.seconds
+        report = PhaseReport(phase, int(bounds[phase + 1]), part.final_train_loss, part.words_per_s)
+        if valid_fn is not None:
+            report.valid_ppl = valid_fn(model)
+        if phase < rounds:
+            assert isinstance(model, LightRNN)
+            start = time.perf_counter()
+            sums = accumulate_head_inputs(
+                model,
+                train_stream,
+                train_config.batch_size,
+                train_config.bptt,
+                realloc_config.cost_tokens,
+                device=train_config.device,
+            )
+            allocation, stats = solve_reallocation(
+                cost_blocks(model, sums), None, model.allocation(), method=realloc_config.method, k=realloc_config.k
+            )
+            model.set_allocation(allocation)
+            result.realloc_seconds += time.perf_counter() - start
+            report.realloc = stats.as_dict()
+        result.phases.append(report)
+        if on_phase is not None:
+            on_phase(report)
+    return result
