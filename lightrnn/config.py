@@ -133,6 +133,9 @@ class ReallocConfig:
     method: str = "exact"  # one of REALLOC_METHODS, see lightrnn.realloc
     k: int = 10  # candidate rows x candidate columns per word (DESIGN: 10 x 10 moved thousands of PTB words)
     cost_tokens: int = 0  # targets read by the cost pass; 0 = the whole training stream
+    # reallocations are spread evenly over the first `span` of the budget: a moved word's input
+    # vectors change too, and the model needs learning rate left to adapt (1.0 = equal phases)
+    span: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -141,5 +144,7 @@ class ReallocConfig:
             raise ValueError(f"realloc method must be one of {', '.join(REALLOC_METHODS)}; got {self.method!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 < self.span <= 1.0:
+            raise ValueError(f"span must be in (0, 1], got {self.span}")
         if self.cost_tokens < 0:
             raise ValueError(f"cost_tokens must be >= 0, got {self.cost_tokens}")

@@ -1,8 +1,10 @@
 """Single-process phase loop: train, accumulate costs, reallocate, train on (Li et al. 2016, Alg. 1).
 
-    budget of S optimizer steps, rounds = 2:
+    budget of S optimizer steps, rounds = 2, span = 1:
 
     | phase 0: S/3 steps | costs + solve | phase 1: S/3 steps | costs + solve | phase 2: S/3 |
+
+    span = 0.5 puts the reallocations at S/6 and S/3, leaving 2S/3 to use the last one.
 
 The learning-rate schedule and the position in the data run across phases as if there
 were no breaks, so a run with reallocation and one without see the same batches in the
@@ -64,7 +66,8 @@ def train_with_reallocation(
     schedule = total_steps(len(train_stream), train_config)
     if rounds >= schedule:
         raise ValueError(f"{rounds} reallocation rounds need more than {schedule} training steps")
-    bounds = np.linspace(0, schedule, rounds + 2).round().astype(int)
+    cuts = np.arange(1, rounds + 1) * realloc_config.span * schedule / (rounds + 1)
+    bounds = np.concatenate(([0], np.maximum(cuts.round(), 1), [schedule])).astype(int)
     optimizer = make_optimizer(model, train_config)
     result = PhasedResult()
     for phase in range(rounds + 1):
