@@ -42,12 +42,11 @@ def test_evaluation_scores_every_token_exactly_as_word_by_word_scoring(kind: str
     assert result.tokens == 23
     if batch == 1:  # one column: identical to scoring word by word from <eos>
         state, nll, prev = None, 0.0, 0
-        torch.set_grad_enabled(False)
-        for w in stream:
-            log_probs, state = model.next_word_log_probs(torch.tensor([[prev]]), state)
-            nll -= float(log_probs[0, w])
-            prev = int(w)
-        torch.set_grad_enabled(True)
+        with torch.no_grad():
+            for w in stream:
+                log_probs, state = model.next_word_log_probs(torch.tensor([[prev]]), state)
+                nll -= float(log_probs[0, w])
+                prev = int(w)
         assert result.nll == pytest.approx(nll, rel=1e-5)
     assert math.isfinite(result.ppl) and result.ppl > 1
 
