@@ -58,3 +58,13 @@ def test_bench_step_measures_every_model_side_by_side() -> None:
     assert set(result["words_per_s"]) == {"lightrnn", "full", "adaptive"}
     assert all(v > 0 for v in result["words_per_s"].values())
     assert result["ratio_to_full"]["full"] == 1.0
+
+
+def test_readme_quickstart_runs_as_written() -> None:
+    text = (REPO / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md quickstart", "exec"), namespace)
+    log_probs = namespace["log_probs"]
+    assert log_probs.shape == (4, 10_000)
+    assert float(log_probs.exp().sum(-1).sub(1).abs().max()) < 1e-4
