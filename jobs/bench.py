@@ -21,6 +21,7 @@ BENCHMARKS = {
     "size": "jobs.bench_size",
     "step": "jobs.bench_step",
     "realloc": "jobs.bench_realloc",
+    "ingest": "jobs.bench_ingest",
 }
 
 

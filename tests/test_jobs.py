@@ -68,3 +68,13 @@ def test_readme_quickstart_runs_as_written() -> None:
     log_probs = namespace["log_probs"]
     assert log_probs.shape == (4, 10_000)
     assert float(log_probs.exp().sum(-1).sub(1).abs().max()) < 1e-4
+
+
+def test_bench_ingest_measures_one_and_two_cpus_side_by_side() -> None:
+    proc = run_job(
+        "jobs.bench", "ingest", "--tokens", "20000", "--vocab", "500", "--files", "2", "--cpus", "1,2", "--json"
+    )
+    result = last_json(proc)
+    assert result["vocab_size"] == 502  # 500 words + <unk> + <eos>
+    assert result["tokens"] > 20_000  # the words plus one <eos> per line
+    assert result["tokens_per_s_1cpu"] > 0 and result["tokens_per_s_2cpu"] > 0

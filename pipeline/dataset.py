@@ -1,0 +1,112 @@
+"""Reading a prepared dataset: only through its manifest, so half-written output is never read.
+
+Layout under the dataset root:
+
+    manifest.json                    the commit: config, counts, shard list (written last)
+    vocab.parquet                    lightrnn.vocab.Vocabulary (word, count), id = row
+    shards/SPLIT-NNNNN-RUN.parquet   rows (split: string, block: int64, tokens: list<int32>)
+
+A split's stream is its blocks' tokens concatenated in `block` order; every block holds
+`block_len` tokens except possibly the split's last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lightrnn.vocab import Vocabulary
+from pipeline import storage
+
+VOCAB_FILE = "vocab.parquet"
+SHARD_SCHEMA = pa.schema(
+    [("split", pa.string()), ("block", pa.int64()), ("tokens", pa.list_(pa.int32()))],
+    metadata={b"lightrnn.kind": b"token-blocks"},
+)
+
+
+class DatasetError(storage.StorageError):
+    """A committed dataset whose files are missing, unreadable or not ours."""
+
+
+class TokenDataset:
+    """A committed prepared dataset: manifest, vocabulary and token streams per split."""
+
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.manifest = storage.read_manifest(self.root, self.storage_options)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def block_len(self) -> int:
+        return int(self.manifest["config"]["block_len"])
+
+    def shard_uris(self, split: str) -> list[str]:
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"{self.root} has no split {split!r}; it has {', '.join(self.splits)}")
+        return [storage.join(self.root, s) for s in self.manifest["splits"][split]["shards"]]
+
+    def vocab(self) -> Vocabulary:
+        with storage.open(storage.join(self.root, self.manifest["vocab"]["path"]), "rb", self.storage_options) as f:
+            vocab = Vocabulary.load(f)
+        if len(vocab) != self.manifest["vocab"]["size"]:
+            raise DatasetError(
+                f"{self.root}: vocabulary has {len(vocab)} words, manifest says {self.manifest['vocab']['size']}"
+            )
+        return vocab
+
+    def read_blocks(self, split: str) -> pa.Table:
+        """All blocks of `split` in stream order, checked against the manifest."""
+        tables = [self._read_shard(uri) for uri in self.shard_uris(split)]
+        table = pa.concat_tables(tables).sort_by("block") if tables else SHARD_SCHEMA.empty_table()
+        info = self.manifest["splits"][split]
+        blocks = table.column("block").to_numpy()
+        if not np.array_equal(blocks, np.arange(info["blocks"])):
+            raise DatasetError(f"{self.root}: {split} blocks are not 0..{info['blocks'] - 1}; the dataset is damaged")
+        return table
+
+    def tokens(self, split: str) -> np.ndarray:
+        """(N,) int32 ids of the whole split, in stream order."""
+        stream = self.read_blocks(split).column("tokens").combine_chunks().flatten().to_numpy()
+        expected = self.manifest["splits"][split]["tokens"]
+        if stream.shape[0] != expected:
+            raise DatasetError(f"{self.root}: {split} holds {stream.shape[0]} tokens, manifest says {expected}")
+        return stream
+
+    def ray_dataset(self, split: str):  # -> ray.data.Dataset; ray imported lazily
+        """The split's blocks as a Ray Dataset (rows: split, block, tokens; not sorted)."""
+        import ray.data
+
+        fs, _ = storage.filesystem(self.root, self.storage_options)
+        paths = [storage.filesystem(u, self.storage_options)[1] for u in self.shard_uris(split)]
+        return ray.data.read_parquet(paths, filesystem=fs)
+
+    def _read_shard(self, uri: str) -> pa.Table:
+        try:
+            with storage.open(uri, "rb", self.storage_options) as f:
+                table = pq.read_table(f)
+        except FileNotFoundError as e:
+            raise DatasetError(f"{uri} is listed in the manifest but missing; delete {self.root} and re-run") from e
+        except (OSError, pa.ArrowException) as e:
+            raise DatasetError(f"{uri} is not readable Parquet ({e}); delete {self.root} and re-run") from e
+        if (table.schema.metadata or {}).get(b"lightrnn.kind") != b"token-blocks" or not table.schema.equals(
+            SHARD_SCHEMA, check_metadata=False
+        ):
+            raise DatasetError(
+                f"{uri} is not a token-block shard (columns {table.column_names}, expected split, block, tokens); "
+                f"delete {self.root} and re-run the prepare stage"
+            )
+        return table
+
+
+def open_dataset(root: str, storage_options: Mapping[str, Any] | None = None) -> TokenDataset:
+    """Open a committed dataset; raises DatasetNotCommittedError if its stage never finished."""
+    return TokenDataset(root, storage_options)

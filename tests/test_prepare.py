@@ -1,0 +1,231 @@
+"""The prepare stage on a real local Ray: PTB counts, exact streams, bad input, a killed run.
+
+One Ray instance serves the whole module (starting Ray costs seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from jobs import prepare as prepare_job
+from lightrnn.corpus import encode_file
+from lightrnn.vocab import Vocabulary, VocabularyError
+from pipeline import storage
+from pipeline.dataset import DatasetError, open_dataset
+from pipeline.prepare import PAUSE_BEFORE_COMMIT_ENV, PrepareConfig, prepare
+from pipeline.synth import write_corpus
+from pipeline.textio import CorpusError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local() -> Iterator[None]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ptb_prepared(ptb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("ptb") / "prepared")
+    config = PrepareConfig(
+        train=str(ptb_dir / "ptb.train.txt.xz"),
+        valid=str(ptb_dir / "ptb.valid.txt"),
+        test=str(ptb_dir / "ptb.test.txt"),
+        output=out,
+        block_len=4096,
+    )
+    return out, prepare(config)
+
+
+def test_ptb_counts_and_exact_streams(ptb_dir: Path, ptb_prepared: tuple[str, dict]) -> None:
+    out, manifest = ptb_prepared
+    assert manifest["splits"]["train"]["tokens"] == 929_589  # the published count, with <eos>
+    assert manifest["vocab"]["size"] == 10_000
+    data = open_dataset(out)
+    vocab = data.vocab()
+    assert len(vocab) == 10_000
+    files = {"train": "ptb.train.txt.xz", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
+    for split, name in files.items():
+        stream = data.tokens(split)
+        assert stream.dtype == np.int32
+        np.testing.assert_array_equal(stream, encode_file(ptb_dir / name, vocab))
+        blocks = data.read_blocks(split).column("tokens").to_pylist()
+        assert all(len(b) == 4096 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 4096
+
+
+def test_ptb_rerun_is_a_noop_and_other_config_is_refused(ptb_dir: Path, ptb_prepared: tuple[str, dict]) -> None:
+    out, manifest = ptb_prepared
+    same = PrepareConfig(
+        train=str(ptb_dir / "ptb.train.txt.xz"),
+        valid=str(ptb_dir / "ptb.valid.txt"),
+        test=str(ptb_dir / "ptb.test.txt"),
+        output=out,
+        block_len=4096,
+    )
+    again = prepare(same)
+    assert again["skipped"] and again["run_id"] == manifest["run_id"]
+    with pytest.raises(storage.DatasetExistsError, match="different configuration.*min_count"):
+        prepare(PrepareConfig(train=same.train, output=out, block_len=4096, min_count=2))
+    assert open_dataset(out).manifest["run_id"] == manifest["run_id"]  # untouched
+
+
+def _write(path: Path, text: str) -> Path:
+    data = text.encode()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    elif path.suffix == ".xz":
+        data = lzma.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def test_blocks_straddling_compressed_files_match_single_process(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["the", "The", "cat", "sat", "on", "a", "Mat", "rare", "é"]
+    names = ["a.txt", "b.txt.gz", "c.txt.xz", "d.txt", "e.txt"]
+    for name, n_lines in zip(names, [9, 1, 14, 0, 5], strict=True):  # d.txt is empty: contributes nothing
+        lines = [" ".join(rng.choice(words, size=rng.integers(0, 6))) for _ in range(n_lines)]
+        _write(corpus / name, "".join(line + "\n" for line in lines))
+    out = str(tmp_path / "out")
+    manifest = prepare(PrepareConfig(train=str(corpus), output=out, block_len=7, lower=True, min_count=2))
+    data = open_dataset(out)
+    vocab = data.vocab()
+    assert "The" not in vocab and "the" in vocab  # lower-cased
+    expected = np.concatenate([encode_file(corpus / n, vocab, lower=True) for n in names if n != "d.txt"])
+    np.testing.assert_array_equal(data.tokens("train"), expected)
+    assert manifest["splits"]["train"]["blocks"] == -(-expected.size // 7)
+    assert any("edges" in s for s in manifest["splits"]["train"]["shards"])  # some blocks span files
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="not found: .*nope.txt"):
+        prepare(PrepareConfig(train=str(tmp_path / "nope.txt"), output=str(tmp_path / "out")))
+    assert not storage.exists(str(tmp_path / "out"))
+
+
+def test_empty_corpus_leaves_no_dataset(tmp_path: Path) -> None:
+    empty = _write(tmp_path / "empty.txt", "")
+    out = str(tmp_path / "out")
+    with pytest.raises(CorpusError, match="train corpus .*empty"):
+        prepare(PrepareConfig(train=str(empty), output=out))
+    with pytest.raises(storage.DatasetNotCommittedError):
+        open_dataset(out)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(gzip.compress(b"fine line\nstill fine\nbroken \xff\xfe here\n"))
+    with pytest.raises(CorpusError, match=r"bad\.txt\.gz: line 3 is not valid UTF-8"):
+        prepare(PrepareConfig(train=str(bad), output=str(tmp_path / "out")))
+    with pytest.raises(storage.DatasetNotCommittedError):
+        open_dataset(str(tmp_path / "out"))
+
+
+def test_output_holding_foreign_files_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), out / "part-0.parquet")
+    corpus = _write(tmp_path / "c.txt", "a b c\n")
+    with pytest.raises(storage.StorageError, match=r"not empty and holds no dataset manifest.*part-0\.parquet"):
+        prepare(PrepareConfig(train=str(corpus), output=str(out)))
+    assert (out / "part-0.parquet").exists()  # nothing of the user's was deleted
+    with pytest.raises(storage.DatasetNotCommittedError, match="did not finish"):
+        open_dataset(str(out))
+
+
+def test_foreign_or_corrupt_files_in_a_committed_dataset(tmp_path: Path) -> None:
+    corpus = _write(tmp_path / "c.txt", "a b c\nb c\n")
+    out = tmp_path / "out"
+    manifest = prepare(PrepareConfig(train=str(corpus), output=str(out), block_len=2))
+    shard = out / manifest["splits"]["train"]["shards"][0]
+    pq.write_table(pa.table({"x": [1, 2, 3]}), shard)  # someone else's Parquet in its place
+    with pytest.raises(DatasetError, match="not a token-block shard"):
+        open_dataset(str(out)).tokens("train")
+    shard.write_bytes(b"PAR1 garbage")
+    with pytest.raises(DatasetError, match="not readable Parquet"):
+        open_dataset(str(out)).tokens("train")
+    pq.write_table(pa.table({"x": [1]}), out / "vocab.parquet")
+    with pytest.raises(VocabularyError, match="not a vocabulary"):
+        open_dataset(str(out)).vocab()
+
+
+def test_killed_run_is_never_read_and_rerun_completes(ptb_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL the job just before its commit; no reader accepts the output; a re-run finishes."""
+    out = tmp_path / "out"
+    argv = ["--train", str(ptb_dir / "ptb.valid.txt"), "--test", str(ptb_dir / "ptb.test.txt"), "--output", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, PAUSE_BEFORE_COMMIT_ENV: "120"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.prepare", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
+    watchdog = threading.Timer(180, os.killpg, (proc.pid, signal.SIGKILL))  # never hang the suite
+    watchdog.start()
+    try:
+        for line in proc.stdout:  # wait until every shard is written and it waits to commit
+            if "pausing" in line:
+                break
+        else:
+            pytest.fail(f"jobs.prepare ended (rc {proc.wait()}) before reaching the commit")
+        assert len(list((out / "shards").iterdir())) >= 2 and (out / "vocab.parquet").exists()
+    finally:
+        watchdog.cancel()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(storage.DatasetNotCommittedError, match="did not finish"):
+        open_dataset(str(out))
+
+    t0 = time.perf_counter()
+    assert prepare_job.main(argv) == 0  # same Ray, same arguments: starts over and commits
+    assert time.perf_counter() - t0 < 60
+    data = open_dataset(str(out))
+    vocab = data.vocab()
+    np.testing.assert_array_equal(data.tokens("train"), encode_file(ptb_dir / "ptb.valid.txt", vocab))
+    np.testing.assert_array_equal(data.tokens("test"), encode_file(ptb_dir / "ptb.test.txt", vocab))
+    shards = {p.name for p in (out / "shards").iterdir()}
+    assert shards == {Path(s).name for split in data.splits for s in data.manifest["splits"][split]["shards"]}
+    assert isinstance(vocab, Vocabulary) and data.manifest["splits"]["train"]["tokens"] == 73_760
+
+
+def test_synthetic_zipf_corpus_has_exactly_the_asked_vocabulary(tmp_path: Path) -> None:
+    uris = write_corpus(str(tmp_path / "zipf"), vocab=500, tokens=6000, files=3, compress=True)
+    assert [Path(u).name for u in uris] == ["part-00000.txt.gz", "part-00001.txt.gz", "part-00002.txt.gz"]
+    manifest = prepare(PrepareConfig(train=str(tmp_path / "zipf"), output=str(tmp_path / "out")))
+    assert manifest["vocab"]["size"] == 500 + 2  # every word once at least, plus <unk> and <eos>
+    lines = manifest["splits"]["train"]["lines"]
+    assert manifest["splits"]["train"]["tokens"] == 6000 + lines
+    counts = open_dataset(str(tmp_path / "out")).vocab().counts
+    assert counts[0] > 10 * counts[100] > 0  # Zipf: the head word is far more frequent than rank 100
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert prepare_job.main(["--train", str(tmp_path / "none.txt"), "--output", str(tmp_path / "o")]) == 1
+    assert "error: corpus input not found" in capsys.readouterr().err
+    assert prepare_job.main(["--train", "x", "--output", str(tmp_path / "o"), "--block-len", "0"]) == 2
+    assert "block_len must be >= 1" in capsys.readouterr().err
