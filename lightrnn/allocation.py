@@ -22,9 +22,8 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from lightrnn.io import atomic_write_table
+from lightrnn.io import atomic_write_table, read_tagged_table
 
 EMPTY = -1  # marks an empty cell in `word_table()`
 
@@ -180,16 +179,8 @@ class Allocation:
     @classmethod
     def load(cls, where: str | os.PathLike[str] | BinaryIO) -> Allocation:
         """Read an allocation written by `save`; refuses any other Parquet file."""
-        try:
-            table = pq.read_table(where)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise AllocationError(f"cannot read allocation from {where!r}: {e}") from e
-        meta = table.schema.metadata or {}
-        if meta.get(b"lightrnn.kind") != b"allocation" or not {"word_id", "row", "col"} <= set(table.column_names):
-            raise AllocationError(
-                f"{where!r} is not an allocation table (expected Parquet written by Allocation.save "
-                f"with columns word_id, row, col; found {table.column_names})"
-            )
+        table = read_tagged_table(where, "allocation", ("word_id", "row", "col"), AllocationError, "Allocation.save")
+        meta = table.schema.metadata
         word_id = table.column("word_id").to_numpy()
         if not np.array_equal(word_id, np.arange(word_id.shape[0])):
             raise AllocationError(f"{where!r}: word_id column must be 0..V-1 in order")

@@ -35,6 +35,32 @@ def atomic_write_table(table: pa.Table, where: str | os.PathLike[str] | BinaryIO
         raise
 
 
+def read_tagged_table(
+    where: str | os.PathLike[str] | BinaryIO,
+    kind: str,
+    columns: tuple[str, ...],
+    error: type[Exception],
+    writer: str,
+) -> pa.Table:
+    """Read Parquet written by this package's `save` of `kind`; anything else raises `error`.
+
+    Tables carry `lightrnn.kind` in their schema metadata, so a vocabulary is never read
+    as an allocation (or a foreign file as either) just because the columns fit.
+    """
+    try:
+        table = pq.read_table(where)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise error(f"cannot read {kind} from {where!r}: {e}") from e
+    meta = table.schema.metadata or {}
+    if meta.get(b"lightrnn.kind") != kind.encode() or not set(columns) <= set(table.column_names):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise error(
+            f"{where!r} is not {article} {kind} table (expected Parquet written by {writer} with columns "
+            f"{', '.join(columns)}; found {table.column_names})"
+        )
+    return table
+
+
 def open_text(path: str | os.PathLike[str]) -> TextIO:
     """Open a UTF-8 text file, transparently decompressing .xz and .gz."""
     path = os.fspath(path)

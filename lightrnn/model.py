@@ -214,22 +214,29 @@ class LightRNN(LanguageModel):
         return cell_logp[:, self.row_of.long() * self.num_cols + self.col_of.long()], state
 
 
-class FullSoftmaxLM(LanguageModel):
-    """The ordinary LSTM language model: V input vectors and a V-way softmax."""
+class _WordEmbeddingLM(LanguageModel):
+    """What both baselines share: one input vector per word, then the LSTM core."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
         self.core = LSTMCore(config)
-        self.head = nn.Linear(config.hidden_dim, config.vocab_size)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        if config.tie_weights:  # Press & Wolf 2017 / Inan et al. 2017; needs D == H
-            self.head.weight = self.embed.weight
 
     def _hidden(self, tokens_BT: Tensor, state: State | None) -> tuple[Tensor, State]:
         tokens_BT = check_tokens(tokens_BT, self.vocab_size)
         return self.core(self.embed(tokens_BT), state)
+
+
+class FullSoftmaxLM(_WordEmbeddingLM):
+    """The ordinary LSTM language model: V input vectors and a V-way softmax."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.head = nn.Linear(config.hidden_dim, config.vocab_size)
+        if config.tie_weights:  # Press & Wolf 2017 / Inan et al. 2017; needs D == H
+            self.head.weight = self.embed.weight
 
     def target_log_probs(
         self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
@@ -245,22 +252,14 @@ class FullSoftmaxLM(LanguageModel):
         return F.log_softmax(self.head(h_BTH[:, -1]).float(), dim=-1), state
 
 
-class AdaptiveSoftmaxLM(LanguageModel):
+class AdaptiveSoftmaxLM(_WordEmbeddingLM):
     """LSTM with an adaptive softmax head (Grave et al. 2017); word ids must be frequency-ordered."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.core = LSTMCore(config)
+        super().__init__(config)
         self.head = nn.AdaptiveLogSoftmaxWithLoss(
             config.hidden_dim, config.vocab_size, list(config.resolved_cutoffs()), div_value=4.0
         )
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-
-    def _hidden(self, tokens_BT: Tensor, state: State | None) -> tuple[Tensor, State]:
-        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
-        return self.core(self.embed(tokens_BT), state)
 
     def target_log_probs(
         self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None

@@ -13,9 +13,8 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from lightrnn.io import atomic_write_table
+from lightrnn.io import atomic_write_table, read_tagged_table
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -109,14 +108,6 @@ class Vocabulary:
 
     @classmethod
     def load(cls, where: str | os.PathLike[str] | BinaryIO) -> Vocabulary:
-        try:
-            table = pq.read_table(where)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise VocabularyError(f"cannot read vocabulary from {where!r}: {e}") from e
-        meta = table.schema.metadata or {}
-        if meta.get(b"lightrnn.kind") != b"vocabulary" or not {"word", "count"} <= set(table.column_names):
-            raise VocabularyError(
-                f"{where!r} is not a vocabulary (expected Parquet written by Vocabulary.save with columns "
-                f"word, count; found {table.column_names})"
-            )
+        """Read a vocabulary written by `save`; refuses any other Parquet file."""
+        table = read_tagged_table(where, "vocabulary", ("word", "count"), VocabularyError, "Vocabulary.save")
         return cls(table.column("word").to_pylist(), table.column("count").to_numpy())
