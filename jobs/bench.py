@@ -22,6 +22,7 @@ BENCHMARKS = {
     "step": "jobs.bench_step",
     "realloc": "jobs.bench_realloc",
     "ingest": "jobs.bench_ingest",
+    "train": "jobs.bench_train",
 }
 
 

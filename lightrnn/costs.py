@@ -54,7 +54,7 @@ def accumulate_head_inputs(
 
     `max_tokens` > 0 limits the pass to the first that many targets (a cheaper estimate).
     """
-    stream = torch.as_tensor(np.asarray(stream_N), dtype=torch.long)
+    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)  # a copy: inputs may be read-only
     if max_tokens > 0:
         stream = stream[: max_tokens + 1]
     steps = stream.numel() // batch_size

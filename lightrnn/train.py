@@ -39,7 +39,7 @@ class EmptyStreamError(ValueError):
 
 def batchify(stream_N: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
     """(N,) stream -> (N // B, B) columns laid out as in the module docstring."""
-    stream = torch.as_tensor(np.asarray(stream_N), dtype=torch.long)
+    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)  # a copy: inputs may be read-only
     steps = stream.numel() // batch_size
     if steps < 2:
         raise EmptyStreamError(
@@ -75,7 +75,7 @@ def evaluate(
     model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int = 10, bptt: int = 35, device: str = "cpu"
 ) -> EvalResult:
     """Perplexity over every token of `stream_N` (see the module docstring)."""
-    stream = torch.as_tensor(np.asarray(stream_N), dtype=torch.long)
+    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)  # a copy: inputs may be read-only
     if stream.numel() == 0:
         raise EmptyStreamError("cannot evaluate on an empty stream")
     full = torch.cat((torch.tensor([eos_id]), stream))  # N + 1 tokens, N targets

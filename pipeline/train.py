@@ -1,0 +1,136 @@
+"""Data-parallel training on Ray Train: the driver side.
+
+The driver opens the prepared dataset, hands Ray Train its full train blocks as a lazy
+Ray Dataset (split across workers by Train itself), and runs `TorchTrainer` with the
+worker loop of `pipeline.train_loop`. Checkpoints go to `{output}/{name}`; a second
+run with the same output and name continues from the latest one (Ray Train reads
+`checkpoint_manager_snapshot.json` there), and `FailureConfig(max_failures)` restarts a
+failed worker group from it automatically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from lightrnn.config import ModelConfig, TrainConfig
+from pipeline import storage
+from pipeline.dataset import open_dataset
+from pipeline.train_loop import DistConfig, make_schedule, train_loop_per_worker
+
+__all__ = ["DistConfig", "RunExistsError", "run_training"]
+
+
+class RunExistsError(storage.StorageError):
+    """A new run would write over an existing one's checkpoints (or --resume found none)."""
+
+
+class ProgressCallback(ray.train.UserCallback):
+    """One line per report, printed by the Train controller (forwarded to the driver's console)."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        m = metrics[0]  # every rank reports the same all-reduced figures
+        line = (
+            f"[train] step {m['step']:>6}/{m['total_steps']} epoch {m['epoch']:5.2f} loss {m['loss']:.3f} "
+            f"lr {m['lr']:.2e} {m['words_per_s']:,.0f} words/s"
+        )
+        if "valid_ppl" in m:
+            line += f" valid ppl {m['valid_ppl']:.2f}"
+        if checkpoint is not None:
+            line += " [checkpoint]"
+        print(line, flush=True)
+
+
+def _absolute(uri: str) -> str:
+    """Workers may run in another directory: pin local paths down."""
+    return os.path.abspath(uri) if "://" not in uri else uri
+
+
+def run_training(
+    model_config: ModelConfig, train_config: TrainConfig, job: DistConfig, resume: bool = False
+) -> dict[str, Any]:
+    """Train on `job.data` with `job.workers` Ray Train workers; returns the final figures.
+
+    Raises RunExistsError when `{output}/{name}` already holds a run and `resume` is False,
+    or holds none and `resume` is True.
+    """
+    job = DistConfig(**{**asdict(job), "data": _absolute(job.data), "output": _absolute(job.output)})
+    dataset = open_dataset(job.data)
+    for split in ("train", "valid"):
+        if split not in dataset.splits:
+            raise ValueError(f"{job.data} has no {split!r} split; prepare it with --train and --valid")
+    train_info = dataset.manifest["splits"]["train"]
+    full_blocks = train_info["tokens"] // dataset.block_len  # the split's last block may be short
+    train_blocks = min(full_blocks, job.limit_blocks) if job.limit_blocks else full_blocks
+    schedule = make_schedule(train_blocks, dataset.block_len, job.workers, train_config)  # fail before Ray starts
+
+    run_dir = storage.join(job.output, job.name)
+    exists = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    if exists and not resume:
+        raise RunExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --name")
+    if resume and not exists:
+        raise RunExistsError(f"--resume: {run_dir} holds no checkpointed run to continue")
+
+    # Ray Data reads and filters lazily; Train splits the stream equally among workers
+    train_ds = dataset.ray_dataset("train").filter(expr=f"block < {train_blocks}").select_columns(["tokens"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": asdict(model_config),
+            "train": asdict(train_config),
+            "dist": asdict(job),
+            "train_blocks": train_blocks,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu),
+        run_config=ray.train.RunConfig(
+            storage_path=job.output,
+            name=job.name,
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
+            callbacks=[ProgressCallback()],
+        ),
+        datasets={"train": train_ds},
+    )
+    print(
+        f"[run] {job.workers} worker(s), {train_blocks} blocks of {dataset.block_len} tokens, global batch "
+        f"{train_config.batch_size} blocks, {schedule.steps_per_epoch} steps/epoch, {schedule.total_steps} steps "
+        f"-> {run_dir}",
+        flush=True,
+    )
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    summary = {
+        "run": run_dir,
+        "workers": job.workers,
+        "steps": metrics.get("step"),
+        "start_step": metrics.get("start_step"),
+        "epochs": metrics.get("epoch"),
+        "final_train_loss": metrics.get("final_train_loss"),
+        "window_train_loss": metrics.get("loss"),
+        "valid_ppl": metrics.get("valid_ppl"),
+        "words_per_s": metrics["attempt_words"] / metrics["attempt_seconds"] if metrics else None,
+        "train_words": metrics.get("attempt_words"),
+        "train_seconds": metrics.get("attempt_seconds"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # figures at each checkpoint Ray Train still keeps (num_to_keep), oldest first
+        "history": sorted(
+            (
+                {k: m[k] for k in ("step", "loss", "valid_ppl", "start_step") if k in m}
+                for _, m in result.best_checkpoints
+            ),
+            key=lambda m: m["step"],
+        ),
+    }
+    ppl = summary["valid_ppl"]
+    print(
+        f"[done] {summary['steps']} steps (from {summary['start_step']}), final loss "
+        f"{summary['final_train_loss']:.3f}, valid ppl {ppl if ppl is None or math.isnan(ppl) else round(ppl, 2)}, "
+        f"{summary['words_per_s'] or 0:,.0f} words/s on {job.workers} worker(s); checkpoint {summary['checkpoint']}",
+        flush=True,
+    )
+    return summary

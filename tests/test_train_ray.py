@@ -1,0 +1,165 @@
+"""Data-parallel training on a real local Ray with 2 CPU workers and PTB-derived data.
+
+One Ray instance (4 logical CPUs: 2 for Train workers, the rest for Ray Data, which
+deadlocks with none) serves the module; one small dataset (PTB valid as train, PTB test
+as valid, 2,000-token blocks) serves every test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from jobs import train as train_job
+from jobs.configs import get_preset
+from lightrnn.allocation import Allocation
+from lightrnn.config import TrainConfig
+from lightrnn.model import build_model
+from pipeline.dataset import open_dataset
+from pipeline.prepare import PrepareConfig, prepare
+from pipeline.train import DistConfig, RunExistsError, run_training
+from pipeline.train_loop import STATE_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = get_preset("tiny")  # 1-layer 32-unit LightRNN, dropout 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local() -> Iterator[None]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(ptb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("ptb-small") / "prepared")
+    prepare(
+        PrepareConfig(
+            train=str(ptb_dir / "ptb.valid.txt"), valid=str(ptb_dir / "ptb.test.txt"), output=out, block_len=2000
+        )
+    )
+    return out
+
+
+def _train(data: str, output: Path, name: str, train: TrainConfig, **dist: object) -> dict:
+    job = DistConfig(data=data, output=str(output), name=name, **dist)  # type: ignore[arg-type]
+    return run_training(TINY.model, train, job)
+
+
+def _state(summary: dict) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(summary["checkpoint"], STATE_FILE), weights_only=True)
+
+
+def test_loss_decreases_on_ptb_with_two_workers(data: str, tmp_path: Path) -> None:
+    train = dataclasses.replace(TINY.train, batch_size=4, max_steps=60, lr=1e-2)
+    summary = _train(data, tmp_path, "loss", train, workers=2, checkpoint_every=10, keep_checkpoints=10)
+    losses = [h["loss"] for h in summary["history"]]
+    assert [h["step"] for h in summary["history"]] == [10, 20, 30, 40, 50, 60]
+    assert losses[-1] < losses[0] - 0.5, losses  # ln(6022) = 8.7 nats at the start
+    assert summary["valid_ppl"] < 3000  # a uniform guess over 6,022 words scores 6,022
+    state = _state(summary)
+    assert state["step"] == 60 and state["dist_config"]["workers"] == 2
+    assert len(state["allocation_id"]) == 16
+
+
+def test_one_step_two_workers_equals_one_worker_on_the_same_global_batch(data: str, tmp_path: Path) -> None:
+    # 4 blocks = one global batch; SGD and dropout 0 make the step a plain function of the mean gradient
+    train = dataclasses.replace(TINY.train, batch_size=4, max_steps=1, lr=0.5, lr_schedule="constant")
+    common = dict(limit_blocks=4, optimizer="sgd", checkpoint_every=1)
+    one = _state(_train(data, tmp_path, "w1", train, workers=1, **common))["model"]
+    two = _state(_train(data, tmp_path, "w2", train, workers=2, **common))["model"]
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    # and the step did move the weights: not a comparison of two untouched initialisations
+    vocab_size = len(open_dataset(data).vocab())
+    torch.manual_seed(TINY.train.seed)
+    init = build_model(
+        dataclasses.replace(TINY.model, vocab_size=vocab_size), Allocation.random(vocab_size, TINY.train.seed)
+    ).state_dict()
+    moved = [name for name, value in init.items() if value.is_floating_point() and not torch.equal(value, one[name])]
+    assert len(moved) >= 3, moved
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(data: str, tmp_path: Path) -> None:
+    train = dataclasses.replace(TINY.train, batch_size=4, max_steps=20)
+    summary = _train(data, tmp_path, "fail", train, workers=2, checkpoint_every=5, test_fail_at_step=8, max_failures=1)
+    assert summary["steps"] == 20
+    assert summary["start_step"] == 5  # restored from the step-5 checkpoint, not from step 0
+
+
+def _checkpoint_steps(run_dir: Path) -> set[int]:
+    steps = set()
+    for path in glob.glob(str(run_dir / "checkpoint_*" / STATE_FILE)):
+        with contextlib.suppress(OSError, RuntimeError, EOFError):  # one being written when the driver stopped
+            steps.add(int(torch.load(path, weights_only=True)["step"]))
+    return steps
+
+
+def test_resume_after_the_driver_is_stopped_continues_from_the_checkpoint(data: str, tmp_path: Path) -> None:
+    args = ["--data", data, "--output", str(tmp_path), "--name", "stopped", "--workers", "2", "--config", "tiny"]
+    args += ["--set", "train.batch_size=4", "--set", "train.log_every=1000", "--checkpoint-every", "20"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", *args, "--max-steps", "100000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    snapshot = tmp_path / "stopped" / "checkpoint_manager_snapshot.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not snapshot.exists() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert snapshot.exists(), "the first run never checkpointed"
+    finally:
+        os.killpg(driver.pid, signal.SIGTERM)  # the driver and the local Ray it started
+        driver.wait(timeout=60)
+    steps_on_disk = _checkpoint_steps(tmp_path / "stopped")
+    assert steps_on_disk and min(steps_on_disk) > 0
+    target = max(steps_on_disk) + 10
+    with pytest.raises(RunExistsError, match="--resume"):  # a new run may not write over it
+        _train(data, tmp_path, "stopped", TINY.train, workers=2)
+    summary_line = _run_main([*args, "--max-steps", str(target), "--resume", "--json"])
+    summary = json.loads(summary_line)
+    assert summary["start_step"] in steps_on_disk  # not 0
+    assert summary["steps"] == target
+    assert all(
+        h["start_step"] == summary["start_step"] for h in summary["history"] if h["step"] > summary["start_step"]
+    )
+
+
+def _run_main(argv: list[str]) -> str:
+    """jobs.train.main in this process (reusing the module's Ray); returns its last stdout line."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train_job.main(argv) == 0
+    return out.getvalue().strip().splitlines()[-1]
+
+
+def test_bad_batch_fails_before_ray_work(data: str, tmp_path: Path) -> None:
+    train = dataclasses.replace(TINY.train, batch_size=3)
+    with pytest.raises(ValueError, match="multiple of the 2 workers"):
+        _train(data, tmp_path, "bad", train, workers=2)
+    with pytest.raises(ValueError, match="smaller --block-len"):
+        _train(data, tmp_path, "bad", dataclasses.replace(TINY.train, batch_size=64), workers=2)
