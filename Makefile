@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m jobs.train_local --config ptb --out runs/ptb-lightrnn $(DEMO_ARGS)
+	$(BIN)/python -m jobs.train_local --config ptb --out runs/ptb-demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
