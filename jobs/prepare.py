@@ -12,12 +12,10 @@ jobs.prepare ...` works too). Re-running with the same arguments is a no-op once
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import ray
-
 from lightrnn.vocab import VocabularyError
+from pipeline.cluster import connect_ray
 from pipeline.prepare import PrepareConfig, prepare, summary
 from pipeline.storage import StorageError
 from pipeline.textio import CorpusError
@@ -56,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    connect_ray(args.num_cpus)
     try:
         manifest = prepare(config)
     except (CorpusError, StorageError, VocabularyError, FileNotFoundError) as e:

@@ -10,8 +10,7 @@ import argparse
 import sys
 import time
 
-import ray
-
+from pipeline.cluster import connect_ray
 from pipeline.synth import write_corpus
 
 
@@ -27,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
     args = p.parse_args(argv)
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    connect_ray(args.num_cpus)
     t0 = time.perf_counter()
     so = {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {}
     uris = write_corpus(args.output, args.vocab, args.tokens, args.files, args.exponent, args.seed, args.gzip, so)

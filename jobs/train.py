@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import ray
 
 from jobs.configs import PRESETS, get_preset
+from pipeline.cluster import connect_ray
 from pipeline.storage import StorageError
 from pipeline.train import DistConfig, run_training
 
@@ -70,11 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:  # Train holds one CPU per worker; Ray Data needs the rest or it deadlocks
-            ray.init(address="local", num_cpus=args.workers + 2, include_dashboard=False)
+        # Train holds one CPU per worker; Ray Data needs the rest or it deadlocks
+        connect_ray(args.workers + 2)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         summary = run_training(preset.model, preset.train, job, resume=args.resume)

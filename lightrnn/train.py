@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,6 +141,31 @@ def total_steps(train_stream_len: int, config: TrainConfig) -> int:
     return max(1, round(per_epoch * config.epochs))
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens_BT: torch.Tensor,
+    targets_BT: torch.Tensor,
+    state: State | None,
+    lr: float,
+    clip: float,
+    autocast: AbstractContextManager | None = None,
+) -> tuple[torch.Tensor, State]:
+    """One truncated-BPTT step: set the LR, forward under `autocast`, backward, clip, update.
+
+    `model` may be a DDP wrapper; returns the detached loss and the state to carry on.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast or nullcontext():
+        loss, state = model(tokens_BT, targets_BT, detach_state(state))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.detach(), state
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -176,20 +202,14 @@ def train(
         state: State | None = None
         for x_BT, y_BT in segments(data_NB, config.bptt, first):
             lr = lr_at(step, schedule_len, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, state = model(x_BT, y_BT, detach_state(state))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            optimizer.step()
+            loss, state = train_step(model, optimizer, x_BT, y_BT, state, lr, config.clip)
             step += 1
             result.steps += 1
             words = x_BT.numel()
             result.words += words
-            window_loss += float(loss.detach()) * words
+            window_loss += float(loss) * words
             window_words += words
-            result.final_train_loss = float(loss.detach())
+            result.final_train_loss = float(loss)
             last = result.steps >= budget
             if step % config.log_every == 0 or last:
                 now = time.perf_counter()

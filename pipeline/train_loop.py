@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig, from_dict
-from lightrnn.model import LanguageModel, LightRNN, State, build_model, detach_state
-from lightrnn.train import evaluate, lr_at, make_optimizer
+from lightrnn.model import LanguageModel, LightRNN, State, build_model
+from lightrnn.train import evaluate, lr_at, make_optimizer, segments, train_step
 from pipeline import storage
 from pipeline.dataset import open_dataset
 
@@ -232,21 +232,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if attempt_words == 0 and not window.any():  # time training, not Ray Data's start-up
                 window_start = attempt_start = time.perf_counter()
             state: State | None = None
-            for segment in range(first_segment if index == first_batch else 0, schedule.segments_per_batch):
-                begin = segment * train_config.bptt
-                t = min(train_config.bptt, dataset.block_len - 1 - begin)
-                x_BT, y_BT = blocks_BL[:, begin : begin + t], blocks_BL[:, begin + 1 : begin + 1 + t]
+            first = first_segment if index == first_batch else 0
+            for x_BT, y_BT in segments(blocks_BL.t(), train_config.bptt, first):
                 lr = lr_at(step, schedule.total_steps, train_config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast:
-                    loss, state = ddp_model(x_BT, y_BT, detach_state(state))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.clip)
-                optimizer.step()
+                loss, state = train_step(ddp_model, optimizer, x_BT, y_BT, state, lr, train_config.clip, autocast)
                 step += 1
-                final_loss = float(loss.detach())
+                final_loss = float(loss)
                 window += torch.tensor([final_loss * x_BT.numel(), x_BT.numel()], dtype=torch.float64, device=device)
                 if job.test_fail_at_step and step == job.test_fail_at_step and rank == world - 1 and not restored:
                     # let Train commit the checkpoints reported so far, so the restart point is fixed
