@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lightrnn.model import LightRNN
+from lightrnn.train import batchify, segments
 
 
 @dataclass
@@ -54,13 +55,10 @@ def accumulate_head_inputs(
 
     `max_tokens` > 0 limits the pass to the first that many targets (a cheaper estimate).
     """
-    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)  # a copy: inputs may be read-only
+    stream = np.asarray(stream_N)
     if max_tokens > 0:
         stream = stream[: max_tokens + 1]
-    steps = stream.numel() // batch_size
-    if steps < 2:
-        raise ValueError(f"a stream of {stream.numel()} tokens is too short for {batch_size} columns")
-    data_NB = stream[: steps * batch_size].view(batch_size, steps).t().to(device)
+    data_NB = batchify(stream, batch_size).to(device)
     vocab, hidden = model.vocab_size, model.config.hidden_dim
     sums = HeadInputSums(
         torch.zeros(vocab, hidden, dtype=dtype, device=device),
@@ -70,9 +68,7 @@ def accumulate_head_inputs(
     was_training = model.training
     model.eval()
     state = None
-    for i in range(0, data_NB.shape[0] - 1, bptt):
-        t = min(bptt, data_NB.shape[0] - 1 - i)
-        tokens_BT, targets_BT = data_NB[i : i + t].t(), data_NB[i + 1 : i + 1 + t].t()
+    for tokens_BT, targets_BT in segments(data_NB, bptt):
         h_row_BTH, h_col_BTH, state = model.head_inputs(tokens_BT, targets_BT, state)
         words = targets_BT.reshape(-1)
         sums.row_sum_VH.index_add_(0, words, h_row_BTH.reshape(-1, hidden).to(dtype))
