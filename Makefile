@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   create .venv, install, train LightRNN on Penn Treebank, report perplexity
+#   make demo   create .venv, install, run the whole pipeline on Penn Treebank (local Ray, MLflow in runs/)
 #   make test   create .venv, install, lint and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m jobs.train_local --config ptb --out runs/ptb-demo $(DEMO_ARGS)
+	$(BIN)/python -m jobs.pipeline --config ptb $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -16,12 +16,11 @@ import time
 import torch
 
 from jobs.configs import PRESETS, RunConfig, get_preset
-from lightrnn.allocation import Allocation
 from lightrnn.config import MODEL_KINDS
 from lightrnn.corpus import count_words, encode_file
 from lightrnn.export import save_model
 from lightrnn.model import build_model
-from lightrnn.phases import PhaseReport, train_with_reallocation
+from lightrnn.phases import PhaseReport, initial_allocation, train_with_reallocation
 from lightrnn.train import StepLog, evaluate
 from lightrnn.vocab import Vocabulary
 
@@ -43,7 +42,9 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
         flush=True,
     )
     model_config = dataclasses.replace(config.model, vocab_size=len(vocab))
-    allocation = Allocation.random(len(vocab), seed=config.train.seed) if model_config.kind == "lightrnn" else None
+    allocation = (
+        initial_allocation(vocab.counts, config.realloc, config.train.seed) if model_config.kind == "lightrnn" else None
+    )
     model = build_model(model_config, allocation).to(config.train.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[model] {model_config.kind}: {n_params:,} parameters", flush=True)

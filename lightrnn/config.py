@@ -125,6 +125,7 @@ def replace_fields(config: C, overrides: dict[str, str]) -> C:
 
 
 REALLOC_METHODS = ("exact", "two_stage", "dense")
+INITIAL_ALLOCATIONS = ("random", "frequency")
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,17 @@ class ReallocConfig:
     # reallocations are spread evenly over the first `span` of the budget: a moved word's input
     # vectors change too, and the model needs learning rate left to adapt (1.0 = equal phases)
     span: float = 1.0
+    initial: str = "random"  # the first table: one of INITIAL_ALLOCATIONS (frequency = by word id, row-major)
+    task_cpus: int = 1  # CPUs the pipeline's reallocation Ray task asks for
+    task_memory_mb: int = 0  # memory it asks for; 0 = an estimate from the vocabulary size
 
     def __post_init__(self) -> None:
+        if self.initial not in INITIAL_ALLOCATIONS:
+            raise ValueError(f"realloc.initial must be one of {', '.join(INITIAL_ALLOCATIONS)}; got {self.initial!r}")
+        if self.task_cpus < 1 or self.task_memory_mb < 0:
+            raise ValueError(
+                f"task_cpus must be >= 1 and task_memory_mb >= 0, got {self.task_cpus}, {self.task_memory_mb}"
+            )
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         if self.method not in REALLOC_METHODS:

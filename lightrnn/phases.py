@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightrnn.allocation import Allocation
 from lightrnn.config import ReallocConfig, TrainConfig
 from lightrnn.costs import accumulate_head_inputs, cost_blocks
 from lightrnn.model import LanguageModel, LightRNN
@@ -49,6 +50,19 @@ class PhasedResult:
         return self.words / self.train_seconds if self.train_seconds else 0.0
 
 
+def phase_bounds(total_steps: int, rounds: int, span: float = 1.0) -> list[int]:
+    """Step boundaries [0, ..., total] of `rounds + 1` phases (see the module docstring)."""
+    cuts = np.arange(1, rounds + 1) * span * total_steps / (rounds + 1)
+    return [int(b) for b in np.concatenate(([0], np.maximum(cuts.round(), 1), [total_steps]))]
+
+
+def initial_allocation(counts_V: np.ndarray, config: ReallocConfig, seed: int) -> Allocation:
+    """The table training starts from: `config.initial` is random (by seed) or frequency-ordered."""
+    if config.initial == "frequency":
+        return Allocation.frequency_ordered(np.asarray(counts_V))
+    return Allocation.random(len(counts_V), seed=seed)
+
+
 def train_with_reallocation(
     model: LanguageModel,
     train_stream: np.ndarray,
@@ -66,8 +80,7 @@ def train_with_reallocation(
     schedule = total_steps(len(train_stream), train_config)
     if rounds >= schedule:
         raise ValueError(f"{rounds} reallocation rounds need more than {schedule} training steps")
-    cuts = np.arange(1, rounds + 1) * realloc_config.span * schedule / (rounds + 1)
-    bounds = np.concatenate(([0], np.maximum(cuts.round(), 1), [schedule])).astype(int)
+    bounds = phase_bounds(schedule, rounds, realloc_config.span)
     optimizer = make_optimizer(model, train_config)
     result = PhasedResult()
     for phase in range(rounds + 1):

@@ -65,7 +65,7 @@ class TokenDataset:
 
     def read_blocks(self, split: str) -> pa.Table:
         """All blocks of `split` in stream order, checked against the manifest."""
-        tables = [self._read_shard(uri) for uri in self.shard_uris(split)]
+        tables = [self.read_shard(uri) for uri in self.shard_uris(split)]
         table = pa.concat_tables(tables).sort_by("block") if tables else SHARD_SCHEMA.empty_table()
         info = self.manifest["splits"][split]
         blocks = table.column("block").to_numpy()
@@ -89,7 +89,7 @@ class TokenDataset:
         paths = [storage.filesystem(u, self.storage_options)[1] for u in self.shard_uris(split)]
         return ray.data.read_parquet(paths, filesystem=fs)
 
-    def _read_shard(self, uri: str) -> pa.Table:
+    def read_shard(self, uri: str) -> pa.Table:
         try:
             with storage.open(uri, "rb", self.storage_options) as f:
                 table = pq.read_table(f)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 from dataclasses import asdict
 from typing import Any
 
@@ -68,6 +69,8 @@ def run_training(
     full_blocks = train_info["tokens"] // dataset.block_len  # the split's last block may be short
     train_blocks = min(full_blocks, job.limit_blocks) if job.limit_blocks else full_blocks
     schedule = make_schedule(train_blocks, dataset.block_len, job.workers, train_config)  # fail before Ray starts
+    if job.stop_step > schedule.total_steps:
+        raise ValueError(f"stop_step {job.stop_step} is past the schedule's {schedule.total_steps} steps")
 
     run_dir = storage.join(job.output, job.name)
     exists = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
@@ -113,10 +116,15 @@ def run_training(
         "final_train_loss": metrics.get("final_train_loss"),
         "window_train_loss": metrics.get("loss"),
         "valid_ppl": metrics.get("valid_ppl"),
-        "words_per_s": metrics["attempt_words"] / metrics["attempt_seconds"] if metrics else None,
+        "words_per_s": metrics["attempt_words"] / metrics["attempt_seconds"]
+        if metrics.get("attempt_seconds")
+        else None,
         "train_words": metrics.get("attempt_words"),
         "train_seconds": metrics.get("attempt_seconds"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # Checkpoint.path drops the URI scheme on remote storage: name it under the run instead
+        "checkpoint": storage.join(run_dir, posixpath.basename(result.checkpoint.path.rstrip("/")))
+        if result.checkpoint
+        else None,
         # figures at each checkpoint Ray Train still keeps (num_to_keep), oldest first
         "history": sorted(
             (

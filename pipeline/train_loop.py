@@ -19,6 +19,7 @@ Which blocks land on which rank is Ray Data's choice and can differ after a rest
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -26,7 +27,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,13 @@ class DistConfig:
     max_failures: int = 2  # whole-group restarts from the latest checkpoint before giving up
     limit_blocks: int = 0  # train on the first N full blocks only (0 = all); debugging and tests
     optimizer: str = "adam"  # one of OPTIMIZERS; sgd makes one-step equivalence tests exact
+    # phases of a longer schedule (pipeline): stop at this step (0 = the schedule's end), the
+    # learning rate still following the whole schedule; a new run starts from `init_checkpoint`
+    # (a checkpoint directory URI: weights, optimizer, step) with `allocation` replacing its table
+    stop_step: int = 0
+    init_checkpoint: str = ""
+    mlflow_tracking_uri: str = ""  # rank 0 logs every report to this MLflow run when both are set
+    mlflow_run_id: str = ""
     test_fail_at_step: int = 0  # test hook: the last rank exits at this step unless restored
 
     def __post_init__(self) -> None:
@@ -73,6 +81,8 @@ class DistConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        if self.stop_step < 0:
+            raise ValueError(f"stop_step must be >= 0 (0 = the whole schedule), got {self.stop_step}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,44 @@ def _build(model_config: ModelConfig, job: DistConfig, seed: int, restored_dir: 
     return build_model(model_config, allocation)
 
 
+def load_checkpoint_state(uri: str, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The `state.pt` of a checkpoint directory (local path or any fsspec URI)."""
+    with storage.open(storage.join(uri, STATE_FILE), "rb") as f:
+        return torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+
+
+class _MetricLogger:
+    """Rank 0's per-report metrics to one MLflow run (Ray Train V2 takes no MLflow callback)."""
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "loss": "train_loss",
+        "lr": "lr",
+        "words_per_s": "words_per_s",
+        "valid_ppl": "valid_ppl",
+        "epoch": "epoch",
+    }
+
+    def __init__(self, job: DistConfig) -> None:
+        self.client = None
+        if job.mlflow_tracking_uri and job.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(job.mlflow_tracking_uri), job.mlflow_run_id
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(metrics["step"])
+        batch = [
+            Metric(name, float(metrics[key]), now, step)
+            for key, name in self.KEYS.items()
+            if key in metrics and math.isfinite(float(metrics[key]))
+        ]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
 def _optimizer(model: torch.nn.Module, job: DistConfig, config: TrainConfig) -> torch.optim.Optimizer:
     if job.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -198,7 +246,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             restored = torch.load(os.path.join(restored_dir, STATE_FILE), map_location=device, weights_only=True)
             model.load_state_dict(restored["model"])
             optimizer.load_state_dict(restored["optimizer"])
-    start_step = int(restored["step"]) if restored else 0
+    if restored is None and job.init_checkpoint:
+        initial = load_checkpoint_state(job.init_checkpoint, device)
+        model.load_state_dict(initial["model"])
+        optimizer.load_state_dict(initial["optimizer"])
+        if isinstance(model, LightRNN) and job.allocation:
+            model.set_allocation(_load_allocation(job.allocation))  # the state dict held the old table
+        start_step = int(initial["step"])
+    else:
+        start_step = int(restored["step"]) if restored else 0
+    stop = job.stop_step or schedule.total_steps
+    tracker = _MetricLogger(job) if rank == 0 else None
     # adaptive softmax leaves tail clusters without gradient in some batches; DDP must know
     ddp_kwargs = {"find_unused_parameters": True} if model_config.kind == "adaptive" else None
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
@@ -218,13 +276,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window_start = attempt_start = time.perf_counter()
     attempt_words, eval_seconds, final_loss, index = 0, 0.0, float("nan"), -1
     model.train()
-    while step < schedule.total_steps:
+    while step < stop:
         epoch, first_batch, first_segment = schedule.position(step)
         batches = shard.iter_batches(
             batch_size=schedule.local_batch, batch_format="pyarrow", drop_last=True, prefetch_batches=2
         )
         for index, batch in enumerate(batches):
-            if index >= schedule.batches_per_epoch or step >= schedule.total_steps:
+            if index >= schedule.batches_per_epoch or step >= stop:
                 break
             if index < first_batch:
                 continue  # consumed before the checkpoint this run was restored from
@@ -244,7 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
                     os._exit(1)  # a lost worker, as a crash or preemption would leave it
                 epoch_done = step % schedule.steps_per_epoch == 0
-                last = step >= schedule.total_steps
+                last = step >= stop
                 ckpt_due = step % job.checkpoint_every == 0 or last
                 if not (step % train_config.log_every == 0 or ckpt_due or epoch_done):
                     continue
@@ -261,6 +319,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "words_per_s": words / (now - window_start),
                     "start_step": start_step,
                     "total_steps": schedule.total_steps,
+                    "stop_step": stop,
                     "world_size": world,
                     "attempt_words": attempt_words,
                     "attempt_seconds": now - attempt_start - eval_seconds,
@@ -274,6 +333,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint_dir = None
                 if ckpt_due and rank == 0:
                     checkpoint_dir = _save_checkpoint(model, optimizer, step, schedule, loop_config)
+                if tracker is not None:
+                    tracker.log(metrics)
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None,
@@ -284,7 +345,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window_start = time.perf_counter()
                 if last:
                     break
-        if step < schedule.total_steps and schedule.position(step)[0] == epoch:
+        if step < stop and schedule.position(step)[0] == epoch:
             raise RuntimeError(
                 f"rank {rank}: the train shard ran out after {index} batches in epoch {epoch}, "
                 f"expected {schedule.batches_per_epoch}; the dataset changed under the run"
