@@ -47,6 +47,7 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
     )
     model = build_model(model_config, allocation).to(config.train.device)
     n_params = sum(p.numel() for p in model.parameters())
+    core_params = sum(p.numel() for p in model.core.parameters())  # the LSTM; the rest is embeddings + heads
     print(f"[model] {model_config.kind}: {n_params:,} parameters", flush=True)
 
     def valid_ppl(m: torch.nn.Module) -> float:
@@ -83,6 +84,7 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
         "config": config.name,
         "model": model_config.kind,
         "params": n_params,
+        "embed_head_bytes": (n_params - core_params) * 4,  # fp32
         "steps": result.steps,
         "train_words": result.words,
         "train_seconds": round(result.train_seconds, 1),

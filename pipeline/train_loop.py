@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 import shutil
@@ -223,9 +224,23 @@ def _save_checkpoint(
     return directory
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every ray.train.report at INFO, metrics dict included, from every rank.
+
+    The driver already prints one [train] line per report (ProgressCallback). The logger is
+    named after Ray's private module file; if that moves, this is a no-op and the lines return.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; `loop_config` holds the asdict'ed model, train and dist configs."""
     job = from_dict(DistConfig, loop_config["dist"])
+    _quiet_report_lines()
     train_config = from_dict(TrainConfig, loop_config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -31,30 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-
-def _import_psutil() -> types.ModuleType:
-    """psutil, or the copy Ray ships in ray/thirdparty_files (Ray does not declare it as a dependency)."""
-    try:
-        import psutil
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.find_spec("ray")
-        if spec is None or spec.origin is None:
-            raise
-        sys.path.append(str(Path(spec.origin).parent / "thirdparty_files"))
-        import psutil
-    return psutil
-
-
-psutil = _import_psutil()
+import psutil
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"

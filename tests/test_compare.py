@@ -1,0 +1,63 @@
+"""jobs.compare: every variant trained on the same data, one table, one MLflow parent with a nested run each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from jobs.compare import variant_overrides
+from jobs.configs import get_preset
+from tests.conftest import REPO
+
+
+def test_variants_differ_only_in_the_output_layer() -> None:
+    tiny = get_preset("tiny")
+    configs = {
+        name: tiny.with_overrides(variant_overrides(name, tiny))
+        for name in ("full", "adaptive", "lightrnn-random", "lightrnn-frequency", "lightrnn-realloc")
+    }
+    assert {c.model.kind for c in configs.values()} == {"full", "adaptive", "lightrnn"}
+    assert configs["lightrnn-frequency"].realloc.initial == "frequency"
+    assert configs["lightrnn-realloc"].realloc.rounds == tiny.realloc.rounds > 0
+    assert configs["lightrnn-random"].realloc.rounds == 0
+    for config in configs.values():  # same LSTM, data and schedule
+        assert (config.model.hidden_dim, config.model.num_layers, config.train, config.data) == (
+            tiny.model.hidden_dim,
+            tiny.model.num_layers,
+            tiny.train,
+            tiny.data,
+        )
+
+
+def test_compare_with_a_time_budget(tmp_path: Path) -> None:
+    variants = ["full", "lightrnn-random", "lightrnn-realloc"]
+    command = [sys.executable, "-m", "jobs.compare", "--config", "tiny", "--budget-minutes", "0.1"]
+    command += ["--variants", ",".join(variants), "--out", str(tmp_path / "cmp"), "--parallel", "2", "--json"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["variant"] for r in rows] == variants
+    for row in rows:
+        assert row["test_ppl"] > 1 and row["valid_ppl"] > 1 and row["words_per_s"] > 0
+        assert row["steps"] >= 30  # at least the probe's steps
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["lightrnn-random"]["embed_head_bytes"] < by_name["full"]["embed_head_bytes"] / 5
+    assert len(by_name["lightrnn-realloc"]["words_moved"]) == 1
+    assert "| lightrnn-realloc |" in done.stdout  # the printed table
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text()) == rows
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lightrnn-compare")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == set(variants)
+    for name, run in children.items():
+        assert run.data.metrics["test_ppl"] == by_name[name]["test_ppl"]
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 1
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"comparison.md", "comparison.json"}
