@@ -160,7 +160,9 @@ class Pipeline:
                 started = time.perf_counter()
                 with tracker.stage(stage) as run_id:
                     outputs, metrics = getattr(self, f"_stage_{kind}")(int(index) if index else 0, run_id)
-                    tracker.log_metrics(run_id, {**metrics, "stage_seconds": time.perf_counter() - started})
+                    # a training phase's figures belong at its last step, beside rank 0's per-step ones
+                    step = int(metrics.get("steps", 0))
+                    tracker.log_metrics(run_id, {**metrics, "stage_seconds": time.perf_counter() - started}, step)
                 record = {
                     "stage": stage,
                     "outputs": outputs,
