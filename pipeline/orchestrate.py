@@ -120,7 +120,8 @@ class Pipeline:
 
     def _check_root(self) -> dict[str, Any]:
         """The root's pipeline.json; refuses a root that holds a run of another config."""
-        recorded = self.config.flat()
+        # the schedule (steps per epoch, phase bounds) depends on the worker count too
+        recorded = {**self.config.flat(), "workers": self.options.workers}
         uri = self.path(PIPELINE_FILE)
         if storage.exists(uri):
             with storage.open(uri, "rb") as f:
