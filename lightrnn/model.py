@@ -138,8 +138,9 @@ class LightRNN(LanguageModel):
                 f"allocation covers {allocation.vocab_size} words, model has {self.config.vocab_size}"
             )
         with torch.no_grad():
-            self.row_of.copy_(torch.from_numpy(allocation.row_of))
-            self.col_of.copy_(torch.from_numpy(allocation.col_of))
+            # torch.tensor copies: arrays read from Parquet can be read-only
+            self.row_of.copy_(torch.tensor(allocation.row_of))
+            self.col_of.copy_(torch.tensor(allocation.col_of))
             self.occupied_RC.copy_(torch.from_numpy(allocation.occupied()))
 
     def allocation(self) -> Allocation:

@@ -127,7 +127,8 @@ class Pipeline:
             with storage.open(uri, "rb") as f:
                 existing = json.loads(f.read())
             old = existing.get("config", {})
-            differ = sorted(k for k in set(old) | set(recorded) if old.get(k) != _jsonable(recorded.get(k)))
+            # keys the root never recorded (a run from before they existed) are not a difference
+            differ = sorted(k for k in old if old[k] != _jsonable(recorded.get(k)))
             if differ:
                 changes = ", ".join(f"{k}: {old.get(k)!r} -> {recorded.get(k)!r}" for k in differ[:6])
                 raise PipelineError(
