@@ -96,10 +96,9 @@ def compare(
         plans[name] = plan
     if budget_minutes is not None:
         words_per_step = config.train.batch_size * config.train.bptt
-        with ThreadPoolExecutor(parallel) as pool:  # probed side by side, as they will run
-            speeds = dict(
-                zip(plans, pool.map(lambda n: _probe_words_per_s(config_name, n, plans[n], out), plans), strict=True)
-            )
+        # one probe at a time, so no variant's figure depends on which other probe it shared the CPU with;
+        # with --parallel N <= cores, each run then gets a core to itself, as its probe did
+        speeds = {name: _probe_words_per_s(config_name, name, plans[name], out) for name in plans}
         for name, speed in speeds.items():
             steps = max(PROBE_STEPS, math.floor(budget_minutes * 60 * speed / words_per_step))
             plans[name].append(f"train.max_steps={steps}")
