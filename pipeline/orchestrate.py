@@ -36,7 +36,7 @@ from lightrnn.export import save_model
 from lightrnn.mlflow_model import log_pyfunc_model
 from lightrnn.phases import initial_allocation, phase_bounds
 from pipeline import storage, tasks
-from pipeline.dataset import open_dataset
+from pipeline.dataset import TokenDataset, open_dataset
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.runconfig import RunConfig
 from pipeline.tracking import Tracker, default_tracking_uri, plot_allocation, plot_learning_curves, temp_dir, ui_command
@@ -249,8 +249,7 @@ class Pipeline:
         self.tracker.client.log_dict(self.tracker.parent_id, self.config.as_dict(), "config.json")
         return {"dataset": self.data_root}, metrics
 
-    def _schedule(self) -> tuple[list[int], int]:
-        dataset = open_dataset(self.data_root)
+    def _schedule(self, dataset: TokenDataset) -> tuple[list[int], int]:
         train_blocks = dataset.manifest["splits"]["train"]["tokens"] // dataset.block_len
         total = make_schedule(train_blocks, dataset.block_len, self.options.workers, self.config.train).total_steps
         if self.rounds >= total:
@@ -262,7 +261,7 @@ class Pipeline:
         dataset = open_dataset(self.data_root)
         vocab = dataset.vocab()
         model_config = dataclasses.replace(self.config.model, vocab_size=len(vocab))
-        bounds, total = self._schedule()
+        bounds, total = self._schedule(dataset)
         lightrnn = model_config.kind == "lightrnn"
         allocation_uri = self.allocation_uri(phase) if lightrnn else ""
         if lightrnn and phase == 0 and not storage.exists(allocation_uri):
@@ -395,12 +394,8 @@ class Pipeline:
 
 def _latest_checkpoint(run_dir: str) -> str | None:
     """The newest `checkpoint_<timestamp>` folder of a Ray Train run (names sort by time)."""
-    names = [n for n in storage.listdir(run_dir) if posixpath.basename(n.rstrip("/")).startswith("checkpoint_")]
-    names = [n for n in names if not n.endswith(".json")]
-    if not names:
-        return None
-    newest = max(posixpath.basename(n.rstrip("/")) for n in names)
-    return storage.join(run_dir, newest)
+    names = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_") and not n.endswith(".json")]
+    return storage.join(run_dir, max(names)) if names else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -13,6 +13,7 @@ dataset straight from storage, so the driver never holds a model or the corpus:
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,7 @@ def _train_slice(data_root: str, part: int, parts: int) -> np.ndarray:
 @ray.remote(num_cpus=1)
 def _accumulate_part(
     checkpoint: str, data_root: str, part: int, parts: int, batch_size: int, bptt: int, max_tokens: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     torch.set_num_threads(1)
     model = model_from_checkpoint(checkpoint)
     if not isinstance(model, LightRNN):
@@ -71,7 +72,7 @@ def _accumulate_part(
         raise ValueError(f"cost slice {part}/{parts} of {data_root} holds {stream.shape[0]} tokens")
     batch = max(1, min(batch_size, (stream.shape[0] - 1) // 2))
     sums = accumulate_head_inputs(model, stream, batch, bptt, max_tokens)
-    return sums.row_sum_VH.numpy(), sums.col_sum_VH.numpy(), sums.count_V.numpy(), int(sums.count_V.sum())
+    return sums.row_sum_VH.numpy(), sums.col_sum_VH.numpy(), sums.count_V.numpy()
 
 
 def accumulate_costs(
@@ -81,16 +82,14 @@ def accumulate_costs(
     per_part = -(-cost_tokens // parts) if cost_tokens else 0
     refs = [_accumulate_part.remote(checkpoint, data_root, i, parts, batch_size, bptt, per_part) for i in range(parts)]
     total: HeadInputSums | None = None
-    tokens = 0
-    for row, col, count, n in ray.get(refs):
+    for row, col, count in ray.get(refs):
         part = HeadInputSums(torch.from_numpy(row), torch.from_numpy(col), torch.from_numpy(count))
         total = part if total is None else total.merge(part)
-        tokens += n
     assert total is not None
     buffer = io.BytesIO()
     np.savez(buffer, row_sum_VH=total.row_sum_VH.numpy(), col_sum_VH=total.col_sum_VH.numpy(), count_V=total.count_V)
     storage.write_bytes(out_uri, buffer.getvalue())
-    return {"tokens": tokens, "words_seen": int((total.count_V > 0).sum()), "tasks": parts}
+    return {"tokens": int(total.count_V.sum()), "words_seen": int((total.count_V > 0).sum()), "tasks": parts}
 
 
 def load_sums(uri: str) -> HeadInputSums:
@@ -123,8 +122,6 @@ def _reallocate(checkpoint: str, sums_uri: str, config: dict[str, Any], out_uri:
 
 def reallocate(checkpoint: str, sums_uri: str, config: ReallocConfig, vocab_size: int, out_uri: str) -> dict:
     """Solve the reallocation in one Ray task sized by `config`; the new table goes to `out_uri`."""
-    from dataclasses import asdict
-
     task = _reallocate.options(num_cpus=config.task_cpus, memory=task_memory_bytes(vocab_size, config))
     return ray.get(task.remote(checkpoint, sums_uri, asdict(config), out_uri))
 
