@@ -3,7 +3,11 @@
 Costs are shaped like real ones (lightrnn/costs.py: A = -(W_row H_w + n_w b_row), a product
 of per-word sums and the head weights): A = -(U Wr^T) + noise and B = -(U' Wc^T) + noise
 with gaussian factors of rank --rank, generated block by block (float32, as a model's
-would be), so V x R is never held. Each method runs in a fresh spawned process, so the
+would be), so V x R is never held. With --counts zipf (the default) each word's costs are
+also scaled by a Zipf-distributed occurrence count and carry the heads' shared bias term
+(-n_w b), as sums over a corpus do: they then span orders of magnitude from rare to
+frequent words and most words prefer the same few rows, the case that defeats naive
+candidate selection. --counts none gives every word the same scale. Each method runs in a fresh spawned process, so the
 peak RSS it reports is its own. --vs-dense also solves the full V x (R*C) matrix with
 scipy (the exact optimum; V up to about 12,000) and reports each method's optimality gap.
 
@@ -25,22 +29,25 @@ import scipy.optimize
 
 from lightrnn.allocation import Allocation, table_shape
 from lightrnn.realloc import (
-    DEFAULT_CELLS_PER_WORD,
     DEFAULT_K,
     DEFAULT_PRICE_ROUNDS,
     METHODS,
     allocation_cost,
+    auto_cells_per_word,
     solve_reallocation,
 )
 
 ORACLE_MAX_ENTRIES = 150_000_000  # V x (R*C) float64 entries for --vs-dense (1.2 GB; V=10k is 1e8)
+COUNTS = ("zipf", "none")
 _NOISE_ROWS = 4096  # noise comes from a fixed table: cheap, deterministic per word
 
 
 class LowRankCosts:
     """Picklable `costs(start, stop) -> (A, B)`: gaussian low-rank costs plus a little noise."""
 
-    def __init__(self, vocab_size: int, rank: int, noise: float, seed: int) -> None:
+    def __init__(self, vocab_size: int, rank: int, noise: float, seed: int, counts: str = "zipf") -> None:
+        if counts not in COUNTS:
+            raise ValueError(f"counts must be one of {', '.join(COUNTS)}, got {counts!r}")
         rows, cols = table_shape(vocab_size)
         rng = np.random.default_rng(seed)
         self.u_row = rng.standard_normal((vocab_size, rank), dtype=np.float32)
@@ -51,12 +58,21 @@ class LowRankCosts:
         scale = np.float32(noise * math.sqrt(rank))
         self.noise_row = scale * rng.standard_normal((_NOISE_ROWS, rows), dtype=np.float32)
         self.noise_col = scale * rng.standard_normal((_NOISE_ROWS, cols), dtype=np.float32)
+        self.count = np.ones(vocab_size, dtype=np.float32)
+        self.bias_row = np.zeros(rows, dtype=np.float32)
+        self.bias_col = np.zeros(cols, dtype=np.float32)
+        if counts == "zipf":
+            # word ids are frequency ranks, as in a built vocabulary: n_w = 1e6 / (w + 1), at least 1
+            self.count = np.maximum(1.0, 1e6 / np.arange(1, vocab_size + 1, dtype=np.float64)).astype(np.float32)
+            self.bias_row = np.float32(math.sqrt(rank)) * rng.standard_normal(rows, dtype=np.float32)
+            self.bias_col = np.float32(math.sqrt(rank)) * rng.standard_normal(cols, dtype=np.float32)
 
     def __call__(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         # a multiplicative hash spreads neighbouring words over the noise table
         pick = (np.arange(start, stop, dtype=np.int64) * 2_654_435_761) % _NOISE_ROWS
-        a = -(self.u_row[start:stop] @ self.w_row.T) + self.noise_row[pick]
-        b = -(self.u_col[start:stop] @ self.w_col.T) + self.noise_col[pick]
+        n = self.count[start:stop, None]
+        a = n * (-(self.u_row[start:stop] @ self.w_row.T) - self.bias_row + self.noise_row[pick])
+        b = n * (-(self.u_col[start:stop] @ self.w_col.T) - self.bias_col + self.noise_col[pick])
         return a, b
 
 
@@ -77,9 +93,9 @@ def _current_rss_mb() -> float:
     raise RuntimeError("VmRSS not found in /proc/self/status (Linux only)")
 
 
-def _run_method(method: str, vocab: int, rank: int, noise: float, seed: int, options: dict) -> dict:
+def _run_method(method: str, vocab: int, rank: int, noise: float, seed: int, counts: str, options: dict) -> dict:
     """One solve in this (fresh) process; its stats and memory. `options` go to the solver."""
-    costs = LowRankCosts(vocab, rank, noise, seed)
+    costs = LowRankCosts(vocab, rank, noise, seed, counts)
     current = Allocation.random(vocab, seed)
     inputs_mb = _current_rss_mb()
     allocation, stats = solve_reallocation(costs, None, current, method=method, **options)
@@ -91,9 +107,9 @@ def _run_method(method: str, vocab: int, rank: int, noise: float, seed: int, opt
     return result
 
 
-def _run_oracle(vocab: int, rank: int, noise: float, seed: int) -> dict:
+def _run_oracle(vocab: int, rank: int, noise: float, seed: int, counts: str) -> dict:
     """The exact optimum: scipy's linear_sum_assignment on the full V x (R*C) matrix."""
-    costs = LowRankCosts(vocab, rank, noise, seed)
+    costs = LowRankCosts(vocab, rank, noise, seed, counts)
     t0 = time.perf_counter()
     a, b = costs(0, vocab)
     full = (a.astype(np.float64)[:, :, None] + b.astype(np.float64)[:, None, :]).reshape(vocab, -1)
@@ -121,14 +137,24 @@ def _methods(spec: str) -> list[str]:
     return methods
 
 
+def _cells_per_word(spec: str, vocab: int, k: int) -> int | None:
+    if spec == "auto":
+        return auto_cells_per_word(vocab, k)
+    try:
+        value = int(spec)
+    except ValueError:
+        raise ValueError(f"--cells-per-word takes 'auto' or an integer (0: all k^2), got {spec!r}") from None
+    return None if value == 0 else value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=10_000, help="vocabulary size V")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="candidate rows and columns per word")
     parser.add_argument(
         "--cells-per-word",
-        type=int,
-        default=DEFAULT_CELLS_PER_WORD,
-        help="exact: cheapest cells kept of each word's k x k grid (0: all k^2)",
+        default="auto",
+        help="exact: cheapest cells kept of each word's k x k grid (0: all k^2; auto: all while "
+        "V x k^2 fits lightrnn.realloc.ARC_BUDGET arcs, else fewer)",
     )
     parser.add_argument(
         "--price-rounds",
@@ -150,6 +176,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.1, help="noise, relative to the low-rank part")
     parser.add_argument("--seed", type=int, default=0, help="seed of costs and the current allocation")
     parser.add_argument(
+        "--counts",
+        choices=COUNTS,
+        default="zipf",
+        help="zipf: scale each word's costs by a Zipf occurrence count and add a shared bias, as sums "
+        "over a corpus do; none: every word on the same scale",
+    )
+    parser.add_argument(
         "--vs-dense",
         action="store_true",
         help="also solve the full matrix with scipy (small V) and report each method's optimality gap",
@@ -158,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     methods = _methods(args.method)
-    cells_per_word = None if args.cells_per_word == 0 else args.cells_per_word
+    cells_per_word = _cells_per_word(args.cells_per_word, args.vocab, args.k)
     options = {
         "k": args.k,
         "cells_per_word": cells_per_word,
@@ -168,12 +201,12 @@ def run(args: argparse.Namespace) -> dict:
     rows, cols = table_shape(args.vocab)
     print(
         f"V={args.vocab:,} table {rows} x {cols}; k={args.k} cells_per_word={cells_per_word or 'all'} "
-        f"price_rounds={args.price_rounds} rank={args.rank} noise={args.noise} seed={args.seed}"
+        f"price_rounds={args.price_rounds} rank={args.rank} noise={args.noise} counts={args.counts} seed={args.seed}"
     )
     per_method = {}
     for method in methods:
         per_method[method] = _in_fresh_process(
-            _run_method, method, args.vocab, args.rank, args.noise, args.seed, options
+            _run_method, method, args.vocab, args.rank, args.noise, args.seed, args.counts, options
         )
     dense = None
     if args.vs_dense:
@@ -181,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
         if entries > ORACLE_MAX_ENTRIES:
             print(f"--vs-dense skipped: {entries:,} matrix entries > ORACLE_MAX_ENTRIES={ORACLE_MAX_ENTRIES:,}")
         else:
-            dense = _in_fresh_process(_run_oracle, args.vocab, args.rank, args.noise, args.seed)
+            dense = _in_fresh_process(_run_oracle, args.vocab, args.rank, args.noise, args.seed, args.counts)
             for result in per_method.values():
                 result["optimality_gap"] = (result["cost_after"] - dense["cost"]) / abs(dense["cost"])
 
@@ -212,6 +245,7 @@ def run(args: argparse.Namespace) -> dict:
         keep_empty_cells=args.keep_empty_cells,
         rank=args.rank,
         noise=args.noise,
+        counts=args.counts,
         seed=args.seed,
         methods=per_method,
         dense_optimum=dense,

@@ -48,6 +48,7 @@ from lightrnn.realloc_common import (
 from lightrnn.realloc_two_stage import _solve_two_stage, assign_columns_in_row
 
 __all__ = [
+    "ARC_BUDGET",
     "DEFAULT_CELLS_PER_WORD",
     "DEFAULT_K",
     "DEFAULT_PRICE_ROUNDS",
@@ -57,6 +58,7 @@ __all__ = [
     "ReallocStats",
     "allocation_cost",
     "assign_columns_in_row",
+    "auto_cells_per_word",
     "solve_reallocation",
 ]
 
@@ -66,7 +68,11 @@ DEFAULT_K = 10  # candidate rows and columns per word, as in DESIGN.md's PTB exp
 # cell: at V = 1M, 17M arcs, solved in 60 s (35 s in OR-Tools) on 2 cores at 1.4 GB peak; the
 # full 10 x 10 grid (101M arcs) would blow both budgets. On low-rank costs at V = 10k the gap
 # to the dense optimum is 4e-5 (without prices 7e-2; jobs/bench_realloc.py --vs-dense).
+# exact keeps every cell of a word's k x k grid while the graph stays under ARC_BUDGET arcs
+# (V = 10k: all 100), and otherwise the word's ARC_BUDGET // V cheapest cells by priced cost,
+# at least DEFAULT_CELLS_PER_WORD (V = 1M: 16 cells, 17M arcs with the current cells).
 DEFAULT_CELLS_PER_WORD = 16
+ARC_BUDGET = 1 << 24
 DEFAULT_PRICE_ROUNDS = 50  # subgradient steps for the candidate prices; 0 ranks by raw cost
 DENSE_MAX_ENTRIES = 25_000_000  # V x (R*C) float64 entries `dense` may build (200 MB)
 _BLOCK_ENTRIES = 1 << 22  # A and B entries per cost block (32 MB in float64)
@@ -271,6 +277,13 @@ def _solve_dense(costs: CostBlocks, current: Allocation, block_size: int) -> _So
 # -- entry point -------------------------------------------------------------------------
 
 
+def auto_cells_per_word(vocab_size: int, k: int) -> int | None:
+    """What cells_per_word="auto" keeps: None (all k^2) when that fits ARC_BUDGET arcs."""
+    if vocab_size * k * k <= ARC_BUDGET:
+        return None
+    return max(DEFAULT_CELLS_PER_WORD, ARC_BUDGET // vocab_size)
+
+
 def _check_int(name: str, value: object, minimum: int, meaning: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} ({meaning}) must be an integer >= {minimum}, got {value!r}")
@@ -283,7 +296,7 @@ def solve_reallocation(
     *,
     method: str = "exact",
     k: int = DEFAULT_K,
-    cells_per_word: int | None = DEFAULT_CELLS_PER_WORD,
+    cells_per_word: int | str | None = "auto",
     price_rounds: int = DEFAULT_PRICE_ROUNDS,
     keep_empty_cells: bool = False,
     cost_scale: float | None = None,
@@ -297,7 +310,8 @@ def solve_reallocation(
     method: "exact" (sparse candidate graph), "two_stage" (rows, then columns per row) or
         "dense" (full matrix, small V only).
     k: candidate rows and columns per word (exact: a k x k grid; two_stage: k rows).
-    cells_per_word: exact keeps this many cells of the grid (None: all k^2).
+    cells_per_word: exact keeps this many cells of the grid (None: all k^2; "auto": all while
+        V x k^2 <= ARC_BUDGET, else ARC_BUDGET // V of them, at least DEFAULT_CELLS_PER_WORD).
     price_rounds: steps that set the row/column prices ranking candidates (0: raw costs).
     keep_empty_cells: exact only lets words trade cells occupied now (when R*C > V), a square
         problem that solves about 3x faster; the empty cells then never change.
@@ -308,7 +322,9 @@ def solve_reallocation(
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     _check_int("k", k, 1, "candidate rows and columns per word")
-    if cells_per_word is not None:
+    if cells_per_word == "auto":
+        cells_per_word = auto_cells_per_word(current.vocab_size, int(k))
+    elif cells_per_word is not None:
         _check_int("cells_per_word", cells_per_word, 1, "cells kept per word; None keeps all k^2")
     _check_int("price_rounds", price_rounds, 0, "steps setting candidate prices; 0 for none")
     costs = _cost_blocks(row_cost, col_cost, current)

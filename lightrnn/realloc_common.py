@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from ortools.graph.python import linear_sum_assignment, min_cost_flow
 
 from lightrnn.allocation import Allocation
@@ -109,11 +110,17 @@ def _balancing_prices(costs: CostBlocks, current: Allocation, rounds: int) -> tu
     """(R,) row and (C,) column prices that spread a sample of words evenly over the table.
 
     Low-rank costs make the same few rows and columns the cheapest for most words, so raw
-    top-k candidates all crowd into them and most words cannot move: at V = 1M, 16 raw cells
-    per word moved 40% of the words and got less than half of two_stage's cost reduction. The
-    prices are Lagrange multipliers of the relaxed capacities (a row holds C words, a column
-    R), set by projected subgradient steps on a word sample. They only choose which arcs
-    exist; every arc keeps its true cost, so the matching stays exact on its graph.
+    top-k candidates all crowd into them and most words cannot move. The prices are the
+    dual variables of the relaxed capacities (a row holds C words, a column R): what a row
+    or column must charge so that every word's cheapest choices, taken together, fill the
+    table evenly. They only choose which arcs exist; every arc keeps its true cost, so the
+    matching stays exact on its graph.
+
+    They are found on a word sample by `rounds` annealed Sinkhorn steps (the entropic dual
+    of the transportation problem, `_sinkhorn_prices`). Real costs are sums over a word's
+    occurrences, so they span orders of magnitude from rare to frequent words; a plain
+    subgradient step scaled by the costs overshot on them (at V = 10k on trained PTB costs
+    its candidates reached 3% of the dense optimum's gain, these reach 98%).
     """
     V, R, C = current.vocab_size, current.num_rows, current.num_cols
     if rounds == 0:
@@ -127,16 +134,33 @@ def _balancing_prices(costs: CostBlocks, current: Allocation, rounds: int) -> tu
         parts.append((_checked(a, "row_cost", start, (size, R)), _checked(b, "col_cost", start, (size, C))))
     prices = []
     for side, slots in ((0, C), (1, R)):
-        values = np.concatenate([p[side] for p in parts]).astype(np.float32)
+        values = np.concatenate([p[side] for p in parts])
         capacity = slots * values.shape[0] / V  # this sample's share of a row's (column's) cells
-        step = float(values.std())  # steps in the units of the costs
-        price = np.zeros(values.shape[1], np.float32)
-        for t in range(rounds):
-            demand = np.bincount(np.argmin(values + price, axis=1), minlength=values.shape[1])
-            excess = (demand - capacity) / capacity
-            price = np.maximum(0.0, price + (step / math.sqrt(t + 1)) * excess).astype(np.float32)
-        prices.append(price)
+        prices.append(_sinkhorn_prices(values, capacity, rounds))
     return prices[0], prices[1]
+
+
+def _sinkhorn_prices(values: np.ndarray, capacity: float, rounds: int) -> np.ndarray:
+    """Prices p (m,) under which the n words' soft choices softmin_j(values[w, j] + p[j]) load
+    every one of the m targets with `capacity` words (log-domain Sinkhorn, float32).
+
+    The temperature falls geometrically from the typical spread of a word's costs to 1/100
+    of it (epsilon scaling): early rounds move prices fast, late ones sharpen the choices.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    x = x - x.min(dim=1, keepdim=True).values  # a per-word constant: no price changes with it
+    spread = float(x.max(dim=1).values.median())
+    price = torch.zeros(x.shape[1], dtype=torch.float32)
+    if spread <= 0:
+        return price.numpy()
+    log_capacity = math.log(capacity)
+    for tau in np.geomspace(spread, spread / 100, rounds).tolist():
+        logits = (x + price).mul_(-1.0 / tau)
+        logits -= torch.logsumexp(logits, dim=1, keepdim=True)  # each word spends one unit
+        load = torch.logsumexp(logits, dim=0)  # log of the words each target gets
+        price += tau * (load - log_capacity)
+        price -= price.min()
+    return price.numpy()
 
 
 # -- integer costs and the OR-Tools solvers ----------------------------------------------

@@ -78,3 +78,19 @@ def test_bench_ingest_measures_one_and_two_cpus_side_by_side() -> None:
     assert result["vocab_size"] == 502  # 500 words + <unk> + <eos>
     assert result["tokens"] > 20_000  # the words plus one <eos> per line
     assert result["tokens_per_s_1cpu"] > 0 and result["tokens_per_s_2cpu"] > 0
+
+
+def test_bench_realloc_reports_both_methods_against_the_dense_optimum() -> None:
+    proc = run_job("jobs.bench", "realloc", "--vocab", "900", "--method", "all", "--vs-dense", "--json")
+    result = last_json(proc)
+    assert result["counts"] == "zipf" and result["cells_per_word"] is None  # all k^2 cells at this V
+    assert set(result["methods"]) == {"exact", "two_stage"}
+    dense = result["dense_optimum"]["cost"]
+    for method, r in result["methods"].items():
+        assert r["cost_after"] == r["cost_after_check"] <= r["cost_before"], method
+        assert r["optimality_gap"] == (r["cost_after"] - dense) / abs(dense) >= 0
+        assert r["peak_rss_mb"] > 0 and r["seconds"] > 0
+    # count-scaled costs: most words move, and the exact method comes within 1% of the optimum
+    assert result["optimality_gap"] < 1e-2 and result["words_moved"] > 450
+    proc = run_job("jobs.bench", "realloc", "--vocab", "900", "--cells-per-word", "x")
+    assert proc.returncode != 0 and "--cells-per-word takes 'auto' or an integer" in proc.stderr
