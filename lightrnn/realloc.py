@@ -64,16 +64,15 @@ __all__ = [
 
 METHODS = ("exact", "two_stage", "dense")
 DEFAULT_K = 10  # candidate rows and columns per word, as in DESIGN.md's PTB experiment
-# exact keeps a word's 16 cheapest cells (by priced cost) of its k x k grid, plus its current
-# cell: at V = 1M, 17M arcs, solved in 60 s (35 s in OR-Tools) on 2 cores at 1.4 GB peak; the
-# full 10 x 10 grid (101M arcs) would blow both budgets. On low-rank costs at V = 10k the gap
-# to the dense optimum is 4e-5 (without prices 7e-2; jobs/bench_realloc.py --vs-dense).
 # exact keeps every cell of a word's k x k grid while the graph stays under ARC_BUDGET arcs
 # (V = 10k: all 100), and otherwise the word's ARC_BUDGET // V cheapest cells by priced cost,
-# at least DEFAULT_CELLS_PER_WORD (V = 1M: 16 cells, 17M arcs with the current cells).
+# at least DEFAULT_CELLS_PER_WORD (V = 1M: 16 cells, 17M arcs with the current cells; solved
+# in 47 s on 2 cores at 1.8 GB peak, where the full 10 x 10 grid, 101M arcs, would blow both
+# budgets). On count-scaled costs at V = 10k the gap to the dense optimum is 6.9e-3
+# (jobs/bench_realloc.py --vs-dense; README, "Reallocation solver").
 DEFAULT_CELLS_PER_WORD = 16
 ARC_BUDGET = 1 << 24
-DEFAULT_PRICE_ROUNDS = 50  # subgradient steps for the candidate prices; 0 ranks by raw cost
+DEFAULT_PRICE_ROUNDS = 50  # annealed Sinkhorn steps for the candidate prices; 0 ranks by raw cost
 DENSE_MAX_ENTRIES = 25_000_000  # V x (R*C) float64 entries `dense` may build (200 MB)
 _BLOCK_ENTRIES = 1 << 22  # A and B entries per cost block (32 MB in float64)
 
