@@ -7,8 +7,8 @@ would be), so V x R is never held. With --counts zipf (the default) each word's 
 also scaled by a Zipf-distributed occurrence count and carry the heads' shared bias term
 (-n_w b), as sums over a corpus do: they then span orders of magnitude from rare to
 frequent words and most words prefer the same few rows, the case that defeats naive
-candidate selection. --counts none gives every word the same scale. Each method runs in a fresh spawned process, so the
-peak RSS it reports is its own. --vs-dense also solves the full V x (R*C) matrix with
+candidate selection. --counts none gives every word the same scale. Each method runs in
+a fresh spawned process, so the peak RSS it reports is its own. --vs-dense also solves the full V x (R*C) matrix with
 scipy (the exact optimum; V up to about 12,000) and reports each method's optimality gap.
 
     python -m jobs.bench realloc --vocab 1000000 --method exact,two_stage --json

@@ -5,8 +5,10 @@ import torch
 
 from lightrnn.config import ModelConfig, ReallocConfig, TrainConfig
 from lightrnn.corpus import count_words, encode_file
+from lightrnn.costs import accumulate_head_inputs, dense_costs
 from lightrnn.model import build_model
 from lightrnn.phases import train_with_reallocation
+from lightrnn.realloc import solve_reallocation
 from lightrnn.train import make_optimizer, train
 from lightrnn.vocab import Vocabulary
 
@@ -84,9 +86,6 @@ def test_exact_reaches_the_dense_optimum_on_a_trained_models_costs(ptb_dir) -> N
     # Real costs are sums over occurrences: they span orders of magnitude from rare to
     # frequent words and favour the same few rows. Candidate prices that mishandled this
     # once let `exact` move about 1% of PTB's words for a few percent of the possible gain.
-    from lightrnn.costs import accumulate_head_inputs, dense_costs
-    from lightrnn.realloc import solve_reallocation
-
     vocab = Vocabulary.build(count_words([ptb_dir / "ptb.valid.txt"]), 1000)  # a dense solve takes seconds
     stream = encode_file(ptb_dir / "ptb.valid.txt", vocab)
     torch.manual_seed(0)
