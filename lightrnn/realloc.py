@@ -10,7 +10,9 @@ is a minimum-cost matching of the V words onto distinct cells of the R x C table
        \\---> (1, 0) cur  matching and the answer is never worse than it
 
 Methods:
-  exact      min-cost matching on that sparse candidate graph (OR-Tools).
+  exact      min-cost matching on that sparse candidate graph (OR-Tools). When words' costs span
+             too many orders of magnitude for one integer scale (costs are sums over a word's
+             occurrences), words are matched in tiers, widest cost range first (`_tiers`).
   two_stage  words -> rows as a transportation problem (row capacity C), then the words of each
              row onto its columns (`assign_columns_in_row`): R independent problems.
   dense      scipy's linear_sum_assignment on the full V x (R*C) matrix: the oracle for tests.
@@ -36,9 +38,12 @@ import scipy.optimize
 
 from lightrnn.allocation import Allocation
 from lightrnn.realloc_common import (
+    _LSA_BUDGET,
+    _MAX_LEVELS,
     CostBlocks,
     _assignment,
     _balancing_prices,
+    _checked,
     _flow,
     _iter_blocks,
     _k_smallest,
@@ -54,6 +59,9 @@ __all__ = [
     "DEFAULT_PRICE_ROUNDS",
     "DENSE_MAX_ENTRIES",
     "METHODS",
+    "TIER_MIN_LEVELS",
+    "TIER_RATIO",
+    "UPPER_SHARE",
     "CostBlocks",
     "ReallocStats",
     "allocation_cost",
@@ -67,11 +75,18 @@ DEFAULT_K = 10  # candidate rows and columns per word, as in DESIGN.md's PTB exp
 # exact keeps every cell of a word's k x k grid while the graph stays under ARC_BUDGET arcs
 # (V = 10k: all 100), and otherwise the word's ARC_BUDGET // V cheapest cells by priced cost,
 # at least DEFAULT_CELLS_PER_WORD (V = 1M: 16 cells, 17M arcs with the current cells; solved
-# in 47 s on 2 cores at 1.8 GB peak, where the full 10 x 10 grid, 101M arcs, would blow both
-# budgets). On count-scaled costs at V = 10k the gap to the dense optimum is 6.9e-3
-# (jobs/bench_realloc.py --vs-dense; README, "Reallocation solver").
+# in 82 s on 2 cores at 1.9 GB peak on count-scaled costs, where the full 10 x 10 grid, 101M
+# arcs, would blow both budgets). On count-scaled costs at V = 10k the gap to the dense optimum
+# is 6.9e-3 (jobs/bench_realloc.py --vs-dense; README, "Reallocation solver").
 DEFAULT_CELLS_PER_WORD = 16
 ARC_BUDGET = 1 << 24
+# exact matches words in tiers of spread (the range of a word's candidate costs), widest first,
+# when one matching would leave the median word fewer than TIER_MIN_LEVELS integer cost levels:
+# the UPPER_SHARE of words with the widest spreads in tiers at most TIER_RATIO apart, then the
+# rest in one assignment (V = 1M, count-scaled costs: 5 tiers, 82 s; README, "Reallocation solver")
+TIER_MIN_LEVELS = 4096
+TIER_RATIO = 32.0
+UPPER_SHARE = 0.2
 DEFAULT_PRICE_ROUNDS = 50  # annealed Sinkhorn steps for the candidate prices; 0 ranks by raw cost
 DENSE_MAX_ENTRIES = 25_000_000  # V x (R*C) float64 entries `dense` may build (200 MB)
 _BLOCK_ENTRIES = 1 << 22  # A and B entries per cost block (32 MB in float64)
@@ -96,6 +111,7 @@ class ReallocStats:
     num_candidate_arcs: int  # word -> cell arcs (two_stage: word -> row arcs)
     cost_scale: float  # integer levels per unit of cost handed to OR-Tools (nan for dense)
     kept_current: bool  # the solved matching was worse in float cost (rounding), current kept
+    tiers: int  # exact: matchings solved in turn, words grouped by the range of their costs (0: one)
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -161,8 +177,9 @@ def _exact_candidates(
     cells_per_word: int | None,
     price_rounds: int,
     block_size: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Arcs grouped by word: (word, cell, float cost, reduced cost), and each word's current cost."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Arcs grouped by word: (word, cell, float cost, reduced cost), each word's current cost,
+    and each word's spread (its largest reduced cost)."""
     R, C = current.num_rows, current.num_cols
     row_price, col_price = _balancing_prices(costs, current, price_rounds)
     k_rows, k_cols = min(k, R), min(k, C)
@@ -171,6 +188,7 @@ def _exact_candidates(
     cell_dtype = np.int32 if R * C < 2**31 else np.int64
     words, cells, arc_costs, reduced = [], [], [], []
     current_cost = np.empty(current.vocab_size, dtype=np.float64)
+    spread = np.empty(current.vocab_size, dtype=np.float64)
     for start, stop, a, b in _iter_blocks(costs, current, block_size):
         n = stop - start
         idx = np.arange(n)[:, None]
@@ -194,14 +212,96 @@ def _exact_candidates(
         words.append(np.broadcast_to(np.arange(start, stop, dtype=np.int32)[:, None], mask.shape)[mask])
         cells.append(cell[mask].astype(cell_dtype))
         arc_costs.append(cost[mask])
-        reduced.append((cost - cost.min(axis=1, keepdims=True))[mask])
+        word_reduced = cost - cost.min(axis=1, keepdims=True)
+        spread[start:stop] = word_reduced.max(axis=1)
+        reduced.append(word_reduced[mask])
     return (
         np.concatenate(words),
         np.concatenate(cells),
         np.concatenate(arc_costs),
         np.concatenate(reduced),
         current_cost,
+        spread,
     )
+
+
+def _compact(ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct ids, ascending; each entry's index among them) for ids in [0, size)."""
+    used = np.zeros(size, dtype=bool)
+    used[ids] = True
+    return np.flatnonzero(used), (np.cumsum(used, dtype=np.int64) - 1)[ids].astype(np.int32)
+
+
+def _match(
+    word: np.ndarray, cell: np.ndarray, reduced: np.ndarray, num_cells: int, cost_scale: float | None
+) -> tuple[np.ndarray, str, float, float]:
+    """Min-cost matching of every word in `word` onto distinct cells along the given arcs.
+
+    Returns (which arcs are chosen, solver, cost scale, seconds)."""
+    words, left = _compact(word, int(word.max()) + 1)
+    cells, right = _compact(cell, num_cells)
+    if cells.size == words.size:
+        # As many candidate cells as words: a perfect matching, for OR-Tools' linear sum
+        # assignment (about 5x faster than min-cost flow, STACK_NOTES section 5).
+        mate, scale, seconds = _assignment(left, right, reduced, words.size, cost_scale)
+        return right == mate[left], "ortools_linear_sum_assignment", scale, seconds
+    # Some cells stay empty, which a perfect-matching solver only expresses with O(words x
+    # empty cells) extra arcs; square reductions with mirrored arcs ran 40-400x slower.
+    # Min-cost flow takes the rectangular problem as it is (about 3x slower than the square
+    # case at V = 1M; keep_empty_cells=True avoids it).
+    chosen, scale, seconds = _flow(left, right, reduced, words.size, cells.size, 1, cost_scale)
+    return chosen, "ortools_min_cost_flow", scale, seconds
+
+
+def _tiers(spread: np.ndarray, num_words: int) -> list[np.ndarray]:
+    """Words grouped by spread, widest first, each group matched in turn ([]: one matching).
+
+    OR-Tools' assignment takes integer costs whose largest value times n^2 stays under 2^62,
+    so in one matching the word with the widest costs sets the resolution of every other.
+    When that leaves the median word fewer than TIER_MIN_LEVELS integer levels, the
+    (1 - UPPER_SHARE) of words with the narrowest spreads form the last tier, one fast square
+    assignment, and the others go before it in tiers whose spreads differ by at most
+    TIER_RATIO (rectangular problems, for min-cost flow)."""
+    positive = spread[spread > 0]
+    if positive.size == 0:
+        return []
+    levels = min(_LSA_BUDGET // (num_words + 1) ** 2, _MAX_LEVELS)
+    top = float(positive.max())
+    if float(np.median(positive)) * levels / top >= TIER_MIN_LEVELS:
+        return []
+    bottom = max(float(np.quantile(spread, 1 - UPPER_SHARE)), float(positive.min()))
+    tiers = []
+    while top > bottom:
+        low = max(top / TIER_RATIO, bottom)
+        tiers.append((spread > low) & (spread <= top))
+        top = low
+    tiers.append(spread <= bottom)
+    return [t for t in tiers if t.any()]
+
+
+def _pair_costs(
+    costs: CostBlocks, current: Allocation, words: np.ndarray, cells: np.ndarray, block_size: int
+) -> np.ndarray:
+    """float64 cost of each (word, cell) pair, reading only short word ranges around the words."""
+    R, C = current.num_rows, current.num_cols
+    order = np.argsort(words, kind="stable")
+    ids = words[order]
+    out = np.empty(words.size, dtype=np.float64)
+    lo = 0
+    while lo < ids.size:
+        # one read per run of nearby words, at most block_size words long
+        start = int(ids[lo])
+        hi = lo + 1
+        while hi < ids.size and ids[hi] - ids[hi - 1] <= 256 and ids[hi] < start + block_size:
+            hi += 1
+        stop = int(ids[hi - 1]) + 1
+        a, b = costs(start, stop)
+        a = _checked(a, "row_cost", start, (stop - start, R))
+        b = _checked(b, "col_cost", start, (stop - start, C))
+        pick = order[lo:hi]
+        out[pick] = _pair_cost(a[words[pick] - start, cells[pick] // C], b[words[pick] - start, cells[pick] % C])
+        lo = hi
+    return out
 
 
 def _solve_exact(
@@ -214,41 +314,80 @@ def _solve_exact(
     cost_scale: float | None,
     block_size: int,
 ) -> _Solution:
-    V = current.vocab_size
-    word, cell, arc_cost, reduced, current_cost = _exact_candidates(
+    V, num_cells = current.vocab_size, current.num_cells
+    word, cell, arc_cost, reduced, current_cost, spread = _exact_candidates(
         costs, current, k, cells_per_word, price_rounds, block_size
     )
+    cell = cell.astype(np.int64)
     if keep_empty_cells:
         # Only cells occupied now stay candidates (every word keeps its own), so exactly V
         # cells remain: a square problem for the faster assignment solver.
-        occupied = np.zeros(current.num_cells, dtype=bool)
+        occupied = np.zeros(num_cells, dtype=bool)
         occupied[current.cell_of] = True
         keep = occupied[cell]
         word, cell, arc_cost, reduced = word[keep], cell[keep], arc_cost[keep], reduced[keep]
-    used = np.zeros(current.num_cells, dtype=bool)
-    used[cell] = True
-    cell_ids = np.flatnonzero(used)  # compact ids 0..M-1 for the cells that are someone's candidate
-    right = (np.cumsum(used, dtype=np.int64) - 1)[cell].astype(np.int32)
-    if cell_ids.size == V:
-        # As many candidate cells as words: a perfect matching, for OR-Tools' linear sum
-        # assignment (about 5x faster than min-cost flow, STACK_NOTES section 5).
-        mate, scale, seconds = _assignment(word, right, reduced, V, cost_scale)
-        new_cell = cell_ids[mate]
-        solver = "ortools_linear_sum_assignment"
-    else:
-        # Some cells stay empty, which a perfect-matching solver only expresses with
-        # O(V x empty cells) extra arcs; square reductions with mirrored arcs ran 40-400x
-        # slower. Min-cost flow takes the rectangular problem as it is (about 3x slower than
-        # the square case at V = 1M; keep_empty_cells=True avoids it).
-        chosen, scale, seconds = _flow(word, right, reduced, V, cell_ids.size, 1, cost_scale)
-        new_cell = np.empty(V, dtype=np.int64)
-        new_cell[word[chosen]] = cell[chosen]
-        solver = "ortools_min_cost_flow"
-    del reduced
-    chosen = cell == new_cell[word]  # one arc per word: a word's candidate cells are distinct
+    new_cell = np.empty(V, dtype=np.int64)
     new_cost = np.empty(V, dtype=np.float64)
-    new_cost[word[chosen]] = arc_cost[chosen]
-    return _Solution(new_cell, current_cost, new_cost, solver, int(word.size), scale, seconds)
+    tiers = _tiers(spread, V) if cost_scale is None else []
+    if not tiers:
+        chosen, solver, scale, seconds = _match(word, cell, reduced, num_cells, cost_scale)
+        new_cell[word[chosen]] = cell[chosen]
+        new_cost[word[chosen]] = arc_cost[chosen]
+        return _Solution(new_cell, current_cost, new_cost, solver, int(word.size), scale, seconds)
+    del reduced
+    # Costs are sums over a word's occurrences, so they span orders of magnitude, and in one
+    # matching the rare words' costs would round to a few integer levels (at V = 1M a fraction
+    # of one, and OR-Tools took 5x longer on the ties). The tiers are matched in turn, widest
+    # spread first, each at its own scale on the cells the earlier ones left: a word of an
+    # earlier tier loses more by missing a cell than one of a later tier does.
+    #
+    # Every word has a home, a cell no earlier tier took: its current cell, or, once an earlier
+    # tier takes that, a cell an earlier tier's word left. Homes are distinct and every word
+    # has an arc to its own, so each tier's matching exists and the result is never worse.
+    home = current.cell_of.astype(np.int64)
+    taken = np.zeros(num_cells, dtype=bool)
+    extra = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))  # home arcs
+    num_arcs, seconds, solvers, scale = int(word.size), 0.0, set(), math.nan
+    for number, tier in enumerate(tiers):
+        keep = tier[word] & ~taken[cell]
+        mine = tier[extra[0]] & ~taken[extra[1]]
+        w = np.concatenate([word[keep], extra[0][mine]])
+        c = np.concatenate([cell[keep], extra[1][mine]])
+        cost = np.concatenate([arc_cost[keep], extra[2][mine]])
+        lowest = np.full(V, np.inf)
+        np.minimum.at(lowest, w, cost)
+        tier_reduced = cost - lowest[w]
+        # a home arc can cost far more than the tier's candidates; clipped at their widest spread
+        # for the solver, it stays the word's dearest arc (stats count float costs)
+        tier_reduced[keep.sum() :] = np.minimum(tier_reduced[keep.sum() :], spread[tier].max())
+        chosen, solver, tier_scale, tier_seconds = _match(w, c, tier_reduced, num_cells, None)
+        seconds, solvers = seconds + tier_seconds, solvers | {solver}
+        scale = tier_scale if number == len(tiers) - 1 else scale  # the finest: the last tier's
+        new_cell[w[chosen]], new_cost[w[chosen]] = c[chosen], cost[chosen]
+        taken[c[chosen]] = True
+        later = ~tier
+        for done in tiers[:number]:
+            later &= ~done
+        displaced = np.flatnonzero(later & taken[home])
+        freed = home[tier & ~taken[home]][: displaced.size]
+        if displaced.size:
+            home[displaced] = freed
+            extra = (
+                np.concatenate([extra[0], displaced]),
+                np.concatenate([extra[1], freed]),
+                np.concatenate([extra[2], _pair_costs(costs, current, displaced, freed, block_size)]),
+            )
+            num_arcs += displaced.size
+    return _Solution(
+        new_cell,
+        current_cost,
+        new_cost,
+        "+".join(sorted(solvers)),
+        num_arcs,
+        scale,
+        seconds,
+        tiers=len(tiers),
+    )
 
 
 # -- dense: the oracle -------------------------------------------------------------------
@@ -314,7 +453,8 @@ def solve_reallocation(
     price_rounds: steps that set the row/column prices ranking candidates (0: raw costs).
     keep_empty_cells: exact only lets words trade cells occupied now (when R*C > V), a square
         problem that solves about 3x faster; the empty cells then never change.
-    cost_scale: integer levels per unit of cost for OR-Tools; None picks the finest safe one.
+    cost_scale: integer levels per unit of cost for OR-Tools; None picks the finest safe one
+        (and lets exact match words in tiers when one scale cannot resolve them all).
     block_size: words per cost block; None keeps a block's A and B near 32 MB of float64.
     """
     t0 = time.perf_counter()
@@ -367,4 +507,5 @@ def solve_reallocation(
         num_candidate_arcs=solution.num_arcs,
         cost_scale=solution.cost_scale,
         kept_current=kept_current,
+        tiers=solution.tiers,
     )

@@ -42,6 +42,7 @@ class _Solution:
     num_arcs: int
     cost_scale: float
     solver_seconds: float
+    tiers: int = 0  # exact: matchings solved in turn by word tier (0: one matching)
 
 
 # -- reading cost blocks -----------------------------------------------------------------

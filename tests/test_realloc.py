@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from lightrnn import realloc
 from lightrnn.allocation import Allocation, table_shape
 from lightrnn.realloc import (
     DENSE_MAX_ENTRIES,
@@ -136,6 +137,45 @@ def test_exact_with_complete_candidates_equals_the_dense_optimum(vocab: int, mak
         optimum = dense_optimum(a, b, current)
         assert math.isclose(stats.cost_after, optimum, rel_tol=1e-9, abs_tol=1e-9)
         assert allocation_cost(a, b, new) == stats.cost_after
+
+
+def force_tiers(monkeypatch: pytest.MonkeyPatch, ratio: float) -> None:
+    """At test sizes one matching resolves every word; demanding more integer levels than
+    exist forces the tiered solve, with tiers `ratio` apart in spread."""
+    monkeypatch.setattr(realloc, "TIER_MIN_LEVELS", 2**62)
+    monkeypatch.setattr(realloc, "TIER_RATIO", ratio)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("make_costs", [count_scaled_costs, random_costs])
+@pytest.mark.parametrize("k", [1, 10])  # k=1: a word's best cell and its current one only
+def test_tiers_still_give_a_bijection_never_worse(
+    vocab: int, make_costs: MakeCosts, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Earlier tiers take cells later words hold now; those words must get the cells the
+    # earlier ones left, or a later tier's matching would not exist (with k=1 it would not).
+    force_tiers(monkeypatch, ratio=2.0)
+    for seed in range(3):
+        a, b = make_costs(vocab, seed)
+        current = Allocation.random(vocab, seed=seed + 20)
+        new, stats = solve_reallocation(a, b, current, k=k)
+        assert stats.tiers >= 2
+        assert np.unique(new.cell_of).size == vocab
+        assert stats.cost_after <= stats.cost_before
+        assert allocation_cost(a, b, new) == stats.cost_after
+
+
+def test_tiers_stay_close_to_the_optimum(monkeypatch: pytest.MonkeyPatch) -> None:
+    vocab = 2000
+    a, b = count_scaled_costs(vocab, seed=0)
+    current = Allocation.random(vocab, seed=0)
+    optimum = dense_optimum(a, b, current)
+    _, one = solve_reallocation(a, b, current)
+    force_tiers(monkeypatch, ratio=10.0)
+    _, tiered = solve_reallocation(a, b, current)
+    assert one.tiers == 0 and tiered.tiers >= 3
+    gain = (tiered.cost_before - tiered.cost_after) / (tiered.cost_before - optimum)
+    assert gain > 0.98
 
 
 def test_default_candidates_come_close_to_the_optimum_on_low_rank_costs() -> None:
