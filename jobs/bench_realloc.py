@@ -220,13 +220,13 @@ def run(args: argparse.Namespace) -> dict:
 
     print(
         f"{'method':<11}{'seconds':>9}{'solver_s':>10}{'peak_rss_mb':>13}{'cost_before':>16}{'cost_after':>16}"
-        f"{'words_moved':>13}{'arcs':>12}{'gap':>11}"
+        f"{'words_moved':>13}{'arcs':>12}{'tiers':>7}{'gap':>11}"
     )
     for method, r in per_method.items():
         gap = f"{r['optimality_gap']:.2e}" if "optimality_gap" in r else "-"
         print(
             f"{method:<11}{r['seconds']:>9.2f}{r['solver_seconds']:>10.2f}{r['peak_rss_mb']:>13.0f}{r['cost_before']:>16.6g}"
-            f"{r['cost_after']:>16.6g}{r['words_moved']:>13,}{r['num_candidate_arcs']:>12,}{gap:>11}"
+            f"{r['cost_after']:>16.6g}{r['words_moved']:>13,}{r['num_candidate_arcs']:>12,}{r['tiers']:>7}{gap:>11}"
         )
     if dense is not None:
         d, blank = dense, ""
