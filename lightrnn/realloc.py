@@ -318,7 +318,6 @@ def _solve_exact(
     word, cell, arc_cost, reduced, current_cost, spread = _exact_candidates(
         costs, current, k, cells_per_word, price_rounds, block_size
     )
-    cell = cell.astype(np.int64)
     if keep_empty_cells:
         # Only cells occupied now stay candidates (every word keeps its own), so exactly V
         # cells remain: a square problem for the faster assignment solver.
@@ -347,8 +346,9 @@ def _solve_exact(
     home = current.cell_of.astype(np.int64)
     taken = np.zeros(num_cells, dtype=bool)
     extra = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))  # home arcs
-    num_arcs, seconds, solvers, scale = int(word.size), 0.0, set(), math.nan
-    for number, tier in enumerate(tiers):
+    unplaced = np.ones(V, dtype=bool)
+    num_arcs, seconds, solvers = int(word.size), 0.0, set()
+    for tier in tiers:
         keep = tier[word] & ~taken[cell]
         mine = tier[extra[0]] & ~taken[extra[1]]
         w = np.concatenate([word[keep], extra[0][mine]])
@@ -359,16 +359,14 @@ def _solve_exact(
         tier_reduced = cost - lowest[w]
         # a home arc can cost far more than the tier's candidates; clipped at their widest spread
         # for the solver, it stays the word's dearest arc (stats count float costs)
-        tier_reduced[keep.sum() :] = np.minimum(tier_reduced[keep.sum() :], spread[tier].max())
-        chosen, solver, tier_scale, tier_seconds = _match(w, c, tier_reduced, num_cells, None)
+        homes = slice(int(keep.sum()), None)
+        tier_reduced[homes] = np.minimum(tier_reduced[homes], spread[tier].max())
+        chosen, solver, scale, tier_seconds = _match(w, c, tier_reduced, num_cells, None)
         seconds, solvers = seconds + tier_seconds, solvers | {solver}
-        scale = tier_scale if number == len(tiers) - 1 else scale  # the finest: the last tier's
         new_cell[w[chosen]], new_cost[w[chosen]] = c[chosen], cost[chosen]
         taken[c[chosen]] = True
-        later = ~tier
-        for done in tiers[:number]:
-            later &= ~done
-        displaced = np.flatnonzero(later & taken[home])
+        unplaced &= ~tier
+        displaced = np.flatnonzero(unplaced & taken[home])
         freed = home[tier & ~taken[home]][: displaced.size]
         if displaced.size:
             home[displaced] = freed
@@ -384,7 +382,7 @@ def _solve_exact(
         new_cost,
         "+".join(sorted(solvers)),
         num_arcs,
-        scale,
+        scale,  # the last tier's, the finest
         seconds,
         tiers=len(tiers),
     )
