@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from lightrnn import realloc
+from lightrnn import realloc_exact
 from lightrnn.allocation import Allocation, table_shape
 from lightrnn.realloc import (
     DENSE_MAX_ENTRIES,
@@ -142,8 +142,8 @@ def test_exact_with_complete_candidates_equals_the_dense_optimum(vocab: int, mak
 def force_tiers(monkeypatch: pytest.MonkeyPatch, ratio: float) -> None:
     """At test sizes one matching resolves every word; demanding more integer levels than
     exist forces the tiered solve, with tiers `ratio` apart in spread."""
-    monkeypatch.setattr(realloc, "TIER_MIN_LEVELS", 2**62)
-    monkeypatch.setattr(realloc, "TIER_RATIO", ratio)
+    monkeypatch.setattr(realloc_exact, "TIER_MIN_LEVELS", 2**62)
+    monkeypatch.setattr(realloc_exact, "TIER_RATIO", ratio)
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
