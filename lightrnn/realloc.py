@@ -64,7 +64,7 @@ DEFAULT_K = 10  # candidate rows and columns per word, as in DESIGN.md's PTB exp
 # exact keeps every cell of a word's k x k grid while the graph stays under ARC_BUDGET arcs
 # (V = 10k: all 100), and otherwise the word's ARC_BUDGET // V cheapest cells by priced cost,
 # at least DEFAULT_CELLS_PER_WORD (V = 1M: 16 cells, 17M arcs with the current cells; solved
-# in 82 s on 2 cores at 1.9 GB peak on count-scaled costs, where the full 10 x 10 grid, 101M
+# in 82 to 93 s on 2 cores at 1.8 GB peak on count-scaled costs, where the full 10 x 10 grid, 101M
 # arcs, would blow both budgets). On count-scaled costs at V = 10k the gap to the dense optimum
 # is 6.9e-3 (jobs/bench_realloc.py --vs-dense; README, "Reallocation solver").
 DEFAULT_CELLS_PER_WORD = 16

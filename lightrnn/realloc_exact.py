@@ -29,7 +29,7 @@ from lightrnn.realloc_common import (
 # exact matches words in tiers of spread (the range of a word's candidate costs), widest first,
 # when one matching would leave the median word fewer than TIER_MIN_LEVELS integer cost levels:
 # the UPPER_SHARE of words with the widest spreads in tiers at most TIER_RATIO apart, then the
-# rest in one assignment (V = 1M, count-scaled costs: 5 tiers, 82 s; README, "Reallocation solver")
+# rest in one assignment (V = 1M, count-scaled costs: 5 tiers, 82 to 93 s; README, "Reallocation solver")
 TIER_MIN_LEVELS = 4096
 TIER_RATIO = 32.0
 UPPER_SHARE = 0.2
