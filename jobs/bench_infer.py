@@ -29,10 +29,12 @@ import torch
 from lightrnn.allocation import Allocation, table_shape
 from lightrnn.config import ModelConfig
 from lightrnn.corpus import encode_file
-from lightrnn.export import export_bytes, export_state, load_model_uri, save_model
-from lightrnn.infer import inference, topk_next_words
+from lightrnn.export import export_bytes, export_state, save_model
+from lightrnn.infer import topk_next_words
 from lightrnn.model import LanguageModel, State, build_model
+from lightrnn.train import inference
 from lightrnn.vocab import EOS, UNK, Vocabulary
+from pipeline.models import load_model_uri
 
 METHODS = ("lightrnn", "lightrnn-all", "full")
 

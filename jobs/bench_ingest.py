@@ -13,7 +13,8 @@ import time
 
 import ray
 
-from pipeline.prepare import PrepareConfig, prepare
+from pipeline.prepare import prepare
+from pipeline.runconfig import DataConfig
 from pipeline.synth import write_corpus
 
 
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--files", type=int, default=8, help="corpus files (the unit of parallelism)")
     parser.add_argument("--cpus", default="1,2", help="Ray CPU counts to compare, comma-separated")
-    parser.add_argument("--block-len", type=int, default=PrepareConfig.block_len)
+    parser.add_argument("--block-len", type=int, default=8192)
 
 
 def _init(num_cpus: int) -> None:
@@ -43,9 +44,7 @@ def run(args: argparse.Namespace) -> dict:
         for n in cpus:
             _init(n)
             t0 = time.perf_counter()
-            manifest = prepare(
-                PrepareConfig(train=corpus, output=os.path.join(tmp, f"out-{n}"), block_len=args.block_len)
-            )
+            manifest = prepare(DataConfig(train=corpus, block_len=args.block_len), os.path.join(tmp, f"out-{n}"))
             seconds = time.perf_counter() - t0
             ray.shutdown()
             tokens = manifest["splits"]["train"]["tokens"]

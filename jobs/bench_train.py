@@ -16,7 +16,8 @@ import tempfile
 import ray
 
 from jobs.configs import PRESETS, get_preset
-from pipeline.prepare import PrepareConfig, prepare
+from pipeline.prepare import prepare
+from pipeline.runconfig import DataConfig
 from pipeline.train import DistConfig, run_training
 
 PTB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "ptb")
@@ -45,14 +46,12 @@ def run(args: argparse.Namespace) -> dict:
             data = args.data
             if not data:
                 data = os.path.join(tmp, "ptb")
-                prepare(
-                    PrepareConfig(
-                        train=os.path.join(PTB, "ptb.train.txt.xz"),
-                        valid=os.path.join(PTB, "ptb.valid.txt"),
-                        output=data,
-                        block_len=args.block_len,
-                    )
+                ptb = DataConfig(
+                    train=os.path.join(PTB, "ptb.train.txt.xz"),
+                    valid=os.path.join(PTB, "ptb.valid.txt"),
+                    block_len=args.block_len,
                 )
+                prepare(ptb, data)
             for n in counts:
                 job = DistConfig(data=data, output=os.path.join(tmp, "runs"), name=f"w{n}", workers=n, max_failures=0)
                 results[n] = run_training(preset.model, train, job)

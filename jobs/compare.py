@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.configs import PRESETS, RunConfig, get_preset
+from pipeline.tracking import ui_command
 
 VARIANTS = ("full", "adaptive", "lightrnn-random", "lightrnn-frequency", "lightrnn-realloc")
 PROBE_STEPS = 30
@@ -168,6 +169,13 @@ def log_to_mlflow(
     return parent
 
 
+def experiment_of(tracking_uri: str, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help=f"named configuration: {', '.join(PRESETS)}")
@@ -200,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     print(table(results))
     print(f"[done] {out / 'comparison.json'}; MLflow run {parent} in {tracking_uri}", flush=True)
+    print(f"       {ui_command(tracking_uri, experiment_of(tracking_uri, args.experiment))}", flush=True)
     if args.json:
         print(json.dumps(rows, sort_keys=True))
     return 0

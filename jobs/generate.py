@@ -17,8 +17,9 @@ import sys
 
 import torch
 
-from lightrnn.export import load_model_uri
 from lightrnn.infer import generate, topk_next_words
+from lightrnn.vocab import tokenize
+from pipeline.models import load_model_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.prompt.lower() if args.lower else args.prompt
     result: dict = {"model": args.model, "prompt": prompt}
     if args.next:
-        ids = [vocab.eos_id, *vocab.encode(prompt.split()).tolist()]
+        ids = [vocab.eos_id, *vocab.encode(tokenize(prompt)).tolist()]
         top = topk_next_words(model, torch.tensor([ids]), args.next)
         pairs = [(vocab.words[int(w)], float(lp)) for w, lp in zip(top.word_ids[0], top.log_probs[0], strict=True)]
         rows = (

@@ -16,7 +16,8 @@ import sys
 
 from lightrnn.vocab import VocabularyError
 from pipeline.cluster import connect_ray
-from pipeline.prepare import PrepareConfig, prepare, summary
+from pipeline.prepare import prepare, summary
+from pipeline.runconfig import DataConfig
 from pipeline.storage import StorageError
 from pipeline.textio import CorpusError
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="dataset root URI (local path, file://, s3://)")
     p.add_argument("--max-vocab", type=int, default=0, help="keep at most N words incl. <unk>, <eos> (0: no limit)")
     p.add_argument("--min-count", type=int, default=1, help="drop words seen fewer times (to <unk>)")
-    p.add_argument("--block-len", type=int, default=PrepareConfig.block_len, help="tokens per Parquet block")
+    p.add_argument("--block-len", type=int, default=DataConfig.block_len, help="tokens per Parquet block")
     p.add_argument("--lower", action="store_true", help="lower-case before counting and encoding")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -40,23 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     storage_options = {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {}
     try:
-        config = PrepareConfig(
+        config = DataConfig(
             train=args.train,
-            valid=args.valid,
-            test=args.test,
-            output=args.output,
+            valid=args.valid or "",
+            test=args.test or "",
             max_vocab=args.max_vocab,
             min_count=args.min_count,
             block_len=args.block_len,
             lower=args.lower,
-            storage_options=storage_options,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     connect_ray(args.num_cpus)
     try:
-        manifest = prepare(config)
+        manifest = prepare(config, args.output, storage_options)
     except (CorpusError, StorageError, VocabularyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from lightrnn.corpus import read_lines
-from lightrnn.export import load_model_uri
 from lightrnn.infer import score_lines, sentence_log_probs
+from pipeline.models import load_model_uri
 
 
 def main(argv: list[str] | None = None) -> int:

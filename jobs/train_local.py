@@ -51,9 +51,7 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
     print(f"[model] {model_config.kind}: {n_params:,} parameters", flush=True)
 
     def valid_ppl(m: torch.nn.Module) -> float:
-        ppl = evaluate(
-            m, streams["valid"], vocab.eos_id, config.train.eval_batch_size, config.train.bptt, config.train.device
-        ).ppl
+        ppl = evaluate(m, streams["valid"], vocab.eos_id, config.train.eval_batch_size, config.train.bptt).ppl
         print(f"[valid] ppl {ppl:.2f}", flush=True)
         return ppl
 
@@ -73,13 +71,11 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
                 flush=True,
             )
 
-    realloc = config.realloc if model_config.kind == "lightrnn" else dataclasses.replace(config.realloc, rounds=0)
+    realloc = dataclasses.replace(config.realloc, rounds=config.rounds)
     result = train_with_reallocation(
         model, streams["train"], config.train, realloc, valid_fn=valid_ppl, on_log=log, on_phase=phase_done
     )
-    test = evaluate(
-        model, streams["test"], vocab.eos_id, config.train.eval_batch_size, config.train.bptt, config.train.device
-    )
+    test = evaluate(model, streams["test"], vocab.eos_id, config.train.eval_batch_size, config.train.bptt)
     summary = {
         "config": config.name,
         "model": model_config.kind,

@@ -132,22 +132,16 @@ INITIAL_ALLOCATIONS = ("random", "frequency")
 class ReallocConfig:
     rounds: int = 0  # reallocations between training phases; the budget is split into rounds + 1 phases
     method: str = "exact"  # one of REALLOC_METHODS, see lightrnn.realloc
-    k: int = 10  # candidate rows x candidate columns per word (DESIGN: 10 x 10 moved thousands of PTB words)
+    k: int = 10  # candidate rows x candidate columns per word (docs/design.md, "Reallocation")
     cost_tokens: int = 0  # targets read by the cost pass; 0 = the whole training stream
     # reallocations are spread evenly over the first `span` of the budget: a moved word's input
     # vectors change too, and the model needs learning rate left to adapt (1.0 = equal phases)
     span: float = 1.0
     initial: str = "random"  # the first table: one of INITIAL_ALLOCATIONS (frequency = by word id, row-major)
-    task_cpus: int = 1  # CPUs the pipeline's reallocation Ray task asks for
-    task_memory_mb: int = 0  # memory it asks for; 0 = an estimate from the vocabulary size
 
     def __post_init__(self) -> None:
         if self.initial not in INITIAL_ALLOCATIONS:
             raise ValueError(f"realloc.initial must be one of {', '.join(INITIAL_ALLOCATIONS)}; got {self.initial!r}")
-        if self.task_cpus < 1 or self.task_memory_mb < 0:
-            raise ValueError(
-                f"task_cpus must be >= 1 and task_memory_mb >= 0, got {self.task_cpus}, {self.task_memory_mb}"
-            )
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         if self.method not in REALLOC_METHODS:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from lightrnn.io import open_text
-from lightrnn.vocab import EOS, Vocabulary
+from lightrnn.vocab import EOS, Vocabulary, tokenize
 
 
 def read_lines(path: str | os.PathLike[str]) -> Iterator[str]:
@@ -32,7 +32,7 @@ def count_words(paths: Iterable[str | os.PathLike[str]], lower: bool = False) ->
     counts: Counter[str] = Counter()
     for path in paths:
         for line in read_lines(path):
-            counts.update((line.lower() if lower else line).split())
+            counts.update(tokenize(line, lower))
             counts[EOS] += 1
     return counts
 

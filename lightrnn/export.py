@@ -11,8 +11,8 @@ DIR/manifest.json       written last, the commit: format, weights, sizes and sha
 
 `load_model` trusts only what the manifest lists, verifies every checksum and that the
 pieces fit together (vocabulary size, allocation, state-dict names and shapes), and
-names the file at fault when they do not. `load_model_uri` accepts a local folder,
-any fsspec URI (s3://...) and MLflow URIs (runs:/..., models:/...).
+names the file at fault when they do not. It reads a local folder; `pipeline.models`
+fetches exports from object stores and MLflow first.
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, from_dict
+from lightrnn.io import atomic_path
 from lightrnn.model import LanguageModel, LightRNN, build_model
 from lightrnn.vocab import Vocabulary
 
@@ -37,25 +35,10 @@ FORMAT = "lightrnn-export"
 FORMAT_VERSION = 1
 WEIGHTS = ("fp32", "int8")
 SCALE_SUFFIX = ".int8_scale"  # model.pt key of the per-row scales of an int8 tensor
-TABLE_BUFFERS = ("row_of", "col_of", "occupied_RC")  # LightRNN buffers rebuilt from allocation.parquet
-MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 class ExportError(ValueError):
     """An export folder that is incomplete, corrupt, or whose pieces do not fit together."""
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[str], object]) -> None:
-    # torch.save names its zip archive after the file: keep a plain name with the real suffix
-    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -93,9 +76,7 @@ def export_state(model: LanguageModel, quantize: str | None = None) -> tuple[dic
         raise ValueError(f"quantize must be None (fp32) or 'int8', got {quantize!r}")
     state: dict[str, torch.Tensor] = {}
     quantized: list[str] = []
-    for name, tensor in model.state_dict().items():
-        if isinstance(model, LightRNN) and name in TABLE_BUFFERS:
-            continue
+    for name, tensor in model.state_dict().items():  # the word table is not in it: allocation.parquet
         tensor = tensor.detach() if tensor.is_meta else tensor.detach().cpu()  # meta: sizing a model not built
         if quantize == "int8" and _is_quantizable(tensor):
             state[name], state[name + SCALE_SUFFIX] = quantize_int8(tensor)
@@ -131,14 +112,16 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # the folder is uncommitted until the new manifest lands
     state, quantized = export_state(model, quantize)
-    _atomic_write_bytes(out / "model.pt", lambda p: torch.save(state, p))
+    with atomic_path(out / "model.pt", suffix=".pt") as tmp:
+        torch.save(state, tmp)
     vocab.save(out / "vocab.parquet")
     files = ["model.pt", "config.json", "vocab.parquet"]
     if isinstance(model, LightRNN):
         model.allocation().save(out / "allocation.parquet")
         files.append("allocation.parquet")
     text = json.dumps(dataclasses.asdict(model.config), indent=2)
-    _atomic_write_bytes(out / "config.json", lambda p: Path(p).write_text(text))
+    with atomic_path(out / "config.json") as tmp:
+        Path(tmp).write_text(text)
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -148,14 +131,9 @@ def save_model(
         "quantized": quantized,
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)} for name in files},
     }
-    _atomic_write_bytes(out / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
+    with atomic_path(out / "manifest.json") as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=2))
     return out
-
-
-def quantize_export(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
-    """Write an int8 copy of the export at `source` (any URI `load_model_uri` takes) to the folder `target`."""
-    model, vocab = load_model_uri(source)
-    return save_model(target, model, vocab, quantize="int8")
 
 
 def export_bytes(directory: str | os.PathLike[str]) -> dict[str, int]:
@@ -209,7 +187,7 @@ def verify_export(directory: str | os.PathLike[str]) -> dict:
 
 
 def _check_state_shapes(model: LanguageModel, state: dict[str, torch.Tensor], src: Path) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if not (isinstance(model, LightRNN) and k in TABLE_BUFFERS)}
+    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -254,61 +232,5 @@ def load_model(directory: str | os.PathLike[str], map_location: str = "cpu") -> 
         probe = build_model(config, allocation)
     _check_state_shapes(probe, state, src)
     model = build_model(config, allocation)
-    result = model.load_state_dict(state, strict=False)
-    # strict=False only for the word -> cell buffers, which the allocation has already set
-    assert not result.unexpected_keys and set(result.missing_keys) <= set(TABLE_BUFFERS), result
+    model.load_state_dict(state)
     return model.to(map_location).eval(), vocab
-
-
-# -- URIs -----------------------------------------------------------------------------
-
-
-def _find_export(root: Path, uri: str) -> Path:
-    """The folder holding manifest.json: `root` itself, or the export inside an MLflow pyfunc model."""
-    if (root / "manifest.json").exists():
-        return root
-    found = sorted(p.parent for p in root.rglob("manifest.json"))
-    if len(found) != 1:
-        raise ExportError(f"{uri} holds {len(found)} model exports (looked for manifest.json); expected exactly one")
-    return found[0]
-
-
-@contextmanager
-def fetch_export(uri: str | os.PathLike[str]) -> Iterator[Path]:
-    """A local folder holding the export at `uri`, downloaded to a temporary folder if remote.
-
-    Local paths and file:// are used in place; runs:/ and models:/ go through
-    mlflow.artifacts.download_artifacts (an MLflow pyfunc model logged by
-    `lightrnn.mlflow_model` is searched for its export); anything else through fsspec.
-    """
-    text = os.fspath(uri)
-    if "://" not in text and not text.startswith(MLFLOW_SCHEMES):
-        yield Path(text)
-        return
-    if text.startswith("file://"):
-        yield Path(text[len("file://") :])
-        return
-    with tempfile.TemporaryDirectory(prefix="lightrnn-model-") as tmp:
-        if text.startswith(MLFLOW_SCHEMES):
-            import mlflow.artifacts  # only needed for MLflow URIs
-
-            yield _find_export(Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp)), text)
-            return
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(text)
-        root = root.rstrip("/")
-        paths = fs.find(root)
-        if not paths:
-            raise FileNotFoundError(f"nothing found at {text}")
-        for remote in paths:
-            target = Path(tmp) / os.path.relpath(remote, root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(target))
-        yield Path(tmp)
-
-
-def load_model_uri(uri: str | os.PathLike[str], map_location: str = "cpu") -> tuple[LanguageModel, Vocabulary]:
-    """`load_model` for a local folder, an fsspec URI (s3://...) or an MLflow URI (runs:/, models:/)."""
-    with fetch_export(uri) as local:
-        return load_model(local, map_location)

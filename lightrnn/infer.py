@@ -19,9 +19,7 @@ For the full-softmax and adaptive baselines top-k is `topk` of their exact distr
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,69 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightrnn.model import LanguageModel, LightRNN, State, check_tokens
-from lightrnn.train import EmptyStreamError
-from lightrnn.vocab import Vocabulary
+from lightrnn.model import LanguageModel, LightRNN, State
+from lightrnn.train import EmptyStreamError, inference, log_probs_along, score_stream
+from lightrnn.vocab import Vocabulary, tokenize
 
 FIRST_BLOCK = 8  # rows in the first block of the search; each next block doubles
 # float32 log_softmax can return log P_col a hair above 0 for a near-certain column; the
 # stopping bound keeps this margin (nats) so the search stays exact
 BOUND_SLACK = 1e-5
-
-_word_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@contextmanager
-def inference(model: LanguageModel) -> Iterator[LanguageModel]:
-    """no_grad and eval mode (no dropout) for the duration; the training flag is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def word_table(model: LightRNN) -> Tensor:
-    """(R, C) word id in every cell, -1 where the cell is empty; cached until the allocation changes."""
-    version = (model.row_of._version, model.col_of._version, model.row_of.data_ptr())
-    cached = _word_tables.get(model)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    table = torch.full((model.num_rows * model.num_cols,), -1, dtype=torch.long, device=model.row_of.device)
-    cells = model.row_of.long() * model.num_cols + model.col_of.long()
-    table[cells] = torch.arange(model.vocab_size, device=table.device)
-    table = table.view(model.num_rows, model.num_cols)
-    _word_tables[model] = (version, table)
-    return table
-
-
-# -- the two LightRNN softmaxes, separately ------------------------------------------------
-
-
-def row_log_probs(model: LightRNN, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-    """log P_row of the next word's row after `tokens_BT`: (B, R), -inf for empty rows; and the state."""
-    tokens_BT = check_tokens(tokens_BT, model.vocab_size)
-    h_B2TH, state = model.core(model._interleave(tokens_BT), state)
-    row_logp_BR = F.log_softmax(model._masked_row_logits(h_B2TH[:, -1]).float(), dim=-1)
-    empty_row = ~model.occupied_RC.any(dim=1)
-    return row_logp_BR.masked_fill(empty_row, float("-inf")), state
-
-
-def column_log_probs(model: LightRNN, state: State, rows_BN: Tensor) -> Tensor:
-    """log P_col(c | r) for N rows per context: (B, N, C), -inf on empty cells.
-
-    One LSTM step from each context's state, fed each row's vector, as in
-    `LightRNN.next_word_log_probs`; only the rows asked for are computed.
-    """
-    B, N = rows_BN.shape
-    x_BN1D = model.row_embed.weight[rows_BN].reshape(B * N, 1, -1)
-    state_rows = (state[0].repeat_interleave(N, dim=1), state[1].repeat_interleave(N, dim=1))
-    h_BN1H, _ = model.core(x_BN1D, state_rows)
-    occupied_BNC = model.occupied_RC[rows_BN]
-    col_logits_BNC = model._masked_col_logits(h_BN1H.view(B, N, -1), occupied_BNC)
-    return F.log_softmax(col_logits_BNC.float(), dim=-1).masked_fill(~occupied_BNC, float("-inf"))
 
 
 # -- top-k ---------------------------------------------------------------------------------
@@ -118,10 +61,10 @@ def topk_next_words(model: LanguageModel, tokens_BT: Tensor, k: int, state: Stat
 
 
 def _lightrnn_topk(model: LightRNN, tokens_BT: Tensor, k: int, state: State | None) -> TopK:
-    row_logp_BR, state = row_log_probs(model, tokens_BT, state)
+    row_logp_BR, state = model.row_log_probs(tokens_BT, state)
     B, R = row_logp_BR.shape
     sorted_logp_BR, order_BR = row_logp_BR.sort(dim=-1, descending=True)
-    table_RC = word_table(model)
+    table_RC = model.word_table()
     device = row_logp_BR.device
     best_logp_BK = torch.full((B, k), float("-inf"), device=device)
     best_ids_BK = torch.full((B, k), -1, dtype=torch.long, device=device)
@@ -135,7 +78,7 @@ def _lightrnn_topk(model: LightRNN, tokens_BT: Tensor, k: int, state: State | No
         end = min(start + block, R)
         rows_AN = order_BR[idx_A, start:end]
         state_A = (state[0][:, idx_A], state[1][:, idx_A])
-        col_logp_ANC = column_log_probs(model, state_A, rows_AN)
+        col_logp_ANC = model.column_log_probs(state_A, rows_AN)
         cand_logp = (sorted_logp_BR[idx_A, start:end].unsqueeze(-1) + col_logp_ANC).flatten(1)
         cand_ids = table_RC[rows_AN].flatten(1)
         all_logp = torch.cat((best_logp_BK[idx_A], cand_logp), dim=1)
@@ -177,11 +120,11 @@ def sample_next_words(
             pick_B1 = torch.multinomial(F.softmax(top.log_probs / temperature, dim=-1), 1, generator=generator)
             return top.word_ids.gather(1, pick_B1).squeeze(1), top.state
         if isinstance(model, LightRNN) and temperature == 1.0:
-            row_logp_BR, state = row_log_probs(model, tokens_BT, state)
+            row_logp_BR, state = model.row_log_probs(tokens_BT, state)
             rows_B1 = torch.multinomial(row_logp_BR.exp(), 1, generator=generator)
-            col_logp_BC = column_log_probs(model, state, rows_B1).squeeze(1)
+            col_logp_BC = model.column_log_probs(state, rows_B1).squeeze(1)
             cols_B = torch.multinomial(col_logp_BC.exp(), 1, generator=generator).squeeze(1)
-            return word_table(model)[rows_B1.squeeze(1), cols_B], state
+            return model.word_table()[rows_B1.squeeze(1), cols_B], state
         logp_BV, state = model.next_word_log_probs(tokens_BT, state)
         return torch.multinomial(F.softmax(logp_BV / temperature, dim=-1), 1, generator=generator).squeeze(1), state
 
@@ -198,7 +141,7 @@ def generate(
 ) -> list[str]:
     """Words continuing `prompt` (read after an `<eos>`, as a new line), until `<eos>` or `max_words`."""
     generator = torch.Generator().manual_seed(seed)
-    ids = [vocab.eos_id, *vocab.encode((prompt.lower() if lower else prompt).split()).tolist()]
+    ids = [vocab.eos_id, *vocab.encode(tokenize(prompt, lower)).tolist()]
     tokens_BT = torch.tensor([ids])
     state: State | None = None
     words: list[str] = []
@@ -212,35 +155,6 @@ def generate(
 
 
 # -- scoring -------------------------------------------------------------------------------
-
-
-def token_log_probs(
-    model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int = 10, bptt: int = 35
-) -> np.ndarray:
-    """log P of every token of `stream_N`, (N,) float64, exactly as `lightrnn.train.evaluate` scores them.
-
-    The stream is preceded by `<eos>`, cut into `batch_size` columns read in parallel
-    with the state carried across segments; a column starts from a zero state. With
-    batch_size=1 every token is conditioned on the whole text before it.
-    """
-    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)
-    if stream.numel() == 0:
-        raise EmptyStreamError("cannot score an empty stream")
-    device = next(model.parameters()).device
-    full = torch.cat((torch.tensor([eos_id]), stream))
-    length = math.ceil(stream.numel() / batch_size)  # targets per column
-    padded = torch.full((batch_size * length + 1,), eos_id, dtype=torch.long)
-    padded[: full.numel()] = full
-    # column b reads padded[b*L : b*L + L + 1]: its targets are stream positions b*L .. b*L + L - 1
-    cols_BL1 = torch.stack([padded[b * length : b * length + length + 1] for b in range(batch_size)]).to(device)
-    logp_BL = torch.empty(batch_size, length, dtype=torch.float64)
-    state: State | None = None
-    with inference(model):
-        for i in range(0, length, bptt):
-            t = min(bptt, length - i)
-            logp_BT, state = model.target_log_probs(cols_BL1[:, i : i + t], cols_BL1[:, i + 1 : i + 1 + t], state)
-            logp_BL[:, i : i + t] = logp_BT.double().cpu()
-    return logp_BL.reshape(-1)[: stream.numel()].numpy()
 
 
 @dataclass
@@ -280,7 +194,7 @@ def score_lines(
     if not pieces:
         raise EmptyStreamError("no lines to score")
     lengths = np.array([p.shape[0] for p in pieces], dtype=np.int64)
-    logp_N = token_log_probs(model, np.concatenate(pieces), vocab.eos_id, batch_size, bptt)
+    logp_N = score_stream(model, np.concatenate(pieces), vocab.eos_id, batch_size, bptt)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     return TextScore(logp_N, np.add.reduceat(logp_N, starts), lengths)
 
@@ -301,21 +215,13 @@ def sentence_log_probs(
     encoded = [vocab.encode_line(s, lower) for s in sentences]
     log_probs = np.zeros(len(encoded), dtype=np.float64)
     lengths = np.array([e.shape[0] for e in encoded], dtype=np.int64)
-    device = next(model.parameters()).device
-    with inference(model):
-        for lo in range(0, len(encoded), batch_size):
-            chunk = encoded[lo : lo + batch_size]
-            longest = max(e.shape[0] for e in chunk)
-            seq_BT1 = torch.full((len(chunk), longest + 1), vocab.eos_id, dtype=torch.long)
-            for b, e in enumerate(chunk):
-                seq_BT1[b, 1 : 1 + e.shape[0]] = torch.from_numpy(e.astype(np.int64))
-            seq_BT1 = seq_BT1.to(device)
-            mask_BT = torch.arange(longest)[None, :] < torch.from_numpy(lengths[lo : lo + len(chunk)])[:, None]
-            total_B = torch.zeros(len(chunk), dtype=torch.float64)
-            state: State | None = None
-            for i in range(0, longest, bptt):
-                t = min(bptt, longest - i)
-                logp_BT, state = model.target_log_probs(seq_BT1[:, i : i + t], seq_BT1[:, i + 1 : i + 1 + t], state)
-                total_B += (logp_BT.double().cpu() * mask_BT[:, i : i + t]).sum(dim=1)
-            log_probs[lo : lo + len(chunk)] = total_B.numpy()
+    for lo in range(0, len(encoded), batch_size):
+        chunk = encoded[lo : lo + batch_size]
+        longest = max(e.shape[0] for e in chunk)
+        seq_BT1 = torch.full((len(chunk), longest + 1), vocab.eos_id, dtype=torch.long)
+        for b, e in enumerate(chunk):
+            seq_BT1[b, 1 : 1 + e.shape[0]] = torch.from_numpy(e.astype(np.int64))
+        mask_BT = torch.arange(longest)[None, :] < torch.from_numpy(lengths[lo : lo + len(chunk)])[:, None]
+        logp_BT = log_probs_along(model, seq_BT1, bptt)
+        log_probs[lo : lo + len(chunk)] = (logp_BT * mask_BT).sum(dim=1).numpy()
     return log_probs, lengths

@@ -1,38 +1,56 @@
-"""Small file helpers shared by the vocabulary, the allocation and the corpus readers."""
+"""Small file helpers shared by the vocabulary, the allocation, the export and the corpus readers.
+
+`atomic_path` is the one atomic writer of the project: `pipeline.storage.atomic_write`
+builds on it for URIs, `lightrnn.export` and the Parquet tables below for local files.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import lzma
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import BinaryIO, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def atomic_write_table(table: pa.Table, where: str | os.PathLike[str] | BinaryIO) -> None:
-    """Write `table` as Parquet; a local path is written to a temporary name and renamed.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[str]:
+    """A temporary path beside `path` to write to; renamed onto `path` when the block succeeds.
 
-    A reader therefore sees either the old file or the whole new one, never half of it.
-    File objects (e.g. from fsspec) are written as given: their owner commits them.
+    A reader therefore sees either the old file or the whole new one, never half of it; on
+    an error the temporary file is removed. `suffix` keeps a real extension on the temporary
+    name for writers that look at it (torch.save names its zip archive after the file).
+    """
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; others (trainers, users) must read it
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_table(table: pa.Table, where: str | os.PathLike[str] | BinaryIO) -> None:
+    """Write `table` as Parquet; a local path is written atomically (`atomic_path`).
+
+    File objects (e.g. from `pipeline.storage.atomic_write`) are written as given: their
+    owner commits them.
     """
     if not isinstance(where, (str, os.PathLike)):
         pq.write_table(table, where)
         return
-    path = os.fspath(where)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(where, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_tagged_table(

@@ -116,10 +116,15 @@ class LightRNN(LanguageModel):
         self.core = LSTMCore(config)
         self.row_head = nn.Linear(config.hidden_dim, self.num_rows)
         self.col_head = nn.Linear(config.hidden_dim, self.num_cols)
-        # int32: at V = 10M the lookup is 80 MB instead of 160 MB; ids stay below 2^31
-        self.register_buffer("row_of", torch.empty(config.vocab_size, dtype=torch.int32))
-        self.register_buffer("col_of", torch.empty(config.vocab_size, dtype=torch.int32))
-        self.register_buffer("occupied_RC", torch.empty(self.num_rows, self.num_cols, dtype=torch.bool))
+        # The word table lives in the allocation (allocation.parquet beside every checkpoint and
+        # export); these lookups are rebuilt from it, so they are buffers (moved with .to(device))
+        # but not part of the state dict. int32: at V = 10M the lookup is 80 MB instead of 160 MB.
+        self.register_buffer("row_of", torch.empty(config.vocab_size, dtype=torch.int32), persistent=False)
+        self.register_buffer("col_of", torch.empty(config.vocab_size, dtype=torch.int32), persistent=False)
+        self.register_buffer(
+            "occupied_RC", torch.empty(self.num_rows, self.num_cols, dtype=torch.bool), persistent=False
+        )
+        self._word_table_RC: Tensor | None = None
         self.set_allocation(allocation)
         nn.init.uniform_(self.row_embed.weight, -0.1, 0.1)
         nn.init.uniform_(self.col_embed.weight, -0.1, 0.1)
@@ -142,9 +147,21 @@ class LightRNN(LanguageModel):
             self.row_of.copy_(torch.tensor(allocation.row_of))
             self.col_of.copy_(torch.tensor(allocation.col_of))
             self.occupied_RC.copy_(torch.from_numpy(allocation.occupied()))
+        self._word_table_RC = None
 
     def allocation(self) -> Allocation:
         return Allocation(self.row_of.cpu().numpy(), self.col_of.cpu().numpy(), self.num_rows, self.num_cols)
+
+    def word_table(self) -> Tensor:
+        """(R, C) int64 word id in every cell, -1 where the cell is empty; kept until the allocation changes."""
+        table = self._word_table_RC
+        if table is None or table.device != self.row_of.device:
+            flat = torch.full((self.num_rows * self.num_cols,), -1, dtype=torch.long, device=self.row_of.device)
+            flat[self.row_of.long() * self.num_cols + self.col_of.long()] = torch.arange(
+                self.vocab_size, device=flat.device
+            )
+            table = self._word_table_RC = flat.view(self.num_rows, self.num_cols)
+        return table
 
     # -- the recurrence ---------------------------------------------------------------
 
@@ -187,6 +204,30 @@ class LightRNN(LanguageModel):
         # finfo.min instead of -inf: a fully empty row then yields finite junk, not NaN
         return logits.masked_fill(~occupied, torch.finfo(logits.dtype).min)
 
+    # -- the two softmaxes, separately (inference: top-k, sampling) ---------------------
+
+    def row_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """log P_row of the next word's row after `tokens_BT`: (B, R), -inf for empty rows; and the state."""
+        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+        h_B2TH, state = self.core(self._interleave(tokens_BT), state)
+        row_logp_BR = F.log_softmax(self._masked_row_logits(h_B2TH[:, -1]).float(), dim=-1)
+        return row_logp_BR.masked_fill(~self.occupied_RC.any(dim=1), float("-inf")), state
+
+    def column_log_probs(self, state: State, rows_BN: Tensor) -> Tensor:
+        """log P_col(c | r) for N rows per context: (B, N, C), -inf on empty cells.
+
+        P_col depends on the row read: one LSTM step from each context's `state` (the state
+        after its last word, as `row_log_probs` returns it), fed each row's vector; only the
+        rows asked for are computed.
+        """
+        B, N = rows_BN.shape
+        x_BN1D = self.row_embed.weight[rows_BN].reshape(B * N, 1, -1)
+        state_rows = (state[0].repeat_interleave(N, dim=1), state[1].repeat_interleave(N, dim=1))
+        h_BN1H, _ = self.core(x_BN1D, state_rows)
+        occupied_BNC = self.occupied_RC[rows_BN]
+        col_logits_BNC = self._masked_col_logits(h_BN1H.view(B, N, -1), occupied_BNC)
+        return F.log_softmax(col_logits_BNC.float(), dim=-1).masked_fill(~occupied_BNC, float("-inf"))
+
     def target_log_probs(
         self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
     ) -> tuple[Tensor, State]:
@@ -201,17 +242,10 @@ class LightRNN(LanguageModel):
         return (row_logp + col_logp).view_as(rows_BT), state
 
     def next_word_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
-        h_B2TH, state = self.core(self._interleave(tokens_BT), state)
-        B, R = tokens_BT.shape[0], self.num_rows
-        row_logp_BR = F.log_softmax(self._masked_row_logits(h_B2TH[:, -1]).float(), dim=-1)
-        # P_col depends on the row read: one LSTM step from the same state for every row
-        x_BR1D = self.row_embed.weight.unsqueeze(0).expand(B, R, -1).reshape(B * R, 1, -1)
-        state_rows = (state[0].repeat_interleave(R, dim=1), state[1].repeat_interleave(R, dim=1))
-        h_BR1H, _ = self.core(x_BR1D, state_rows)
-        col_logits_BRC = self._masked_col_logits(h_BR1H.view(B, R, -1), self.occupied_RC)
-        col_logp_BRC = F.log_softmax(col_logits_BRC.float(), dim=-1)
-        cell_logp = (row_logp_BR.unsqueeze(-1) + col_logp_BRC).view(B, R * self.num_cols)
+        row_logp_BR, state = self.row_log_probs(tokens_BT, state)
+        B, R = row_logp_BR.shape
+        all_rows_BR = torch.arange(R, device=row_logp_BR.device).expand(B, R)
+        cell_logp = (row_logp_BR.unsqueeze(-1) + self.column_log_probs(state, all_rows_BR)).view(B, -1)
         return cell_logp[:, self.row_of.long() * self.num_cols + self.col_of.long()], state
 
 

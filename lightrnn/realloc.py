@@ -37,9 +37,9 @@ import numpy as np
 import scipy.optimize
 
 from lightrnn.allocation import Allocation
-from lightrnn.realloc_common import CostBlocks, _iter_blocks, _pair_cost, _Solution
-from lightrnn.realloc_exact import TIER_MIN_LEVELS, TIER_RATIO, UPPER_SHARE, _solve_exact
-from lightrnn.realloc_two_stage import _solve_two_stage, assign_columns_in_row
+from lightrnn.realloc_common import CostBlocks, Solution, iter_blocks, pair_cost
+from lightrnn.realloc_exact import TIER_MIN_LEVELS, TIER_RATIO, UPPER_SHARE, solve_exact
+from lightrnn.realloc_two_stage import assign_columns_in_row, solve_two_stage
 
 __all__ = [
     "ARC_BUDGET",
@@ -60,13 +60,12 @@ __all__ = [
 ]
 
 METHODS = ("exact", "two_stage", "dense")
-DEFAULT_K = 10  # candidate rows and columns per word, as in DESIGN.md's PTB experiment
+DEFAULT_K = 10  # candidate rows and columns per word (docs/design.md, "Reallocation")
 # exact keeps every cell of a word's k x k grid while the graph stays under ARC_BUDGET arcs
 # (V = 10k: all 100), and otherwise the word's ARC_BUDGET // V cheapest cells by priced cost,
-# at least DEFAULT_CELLS_PER_WORD (V = 1M: 16 cells, 17M arcs with the current cells; solved
-# in 82 to 93 s on 2 cores at 1.8 GB peak on count-scaled costs, where the full 10 x 10 grid, 101M
-# arcs, would blow both budgets). On count-scaled costs at V = 10k the gap to the dense optimum
-# is 6.9e-3 (jobs/bench_realloc.py --vs-dense; README, "Reallocation solver").
+# at least DEFAULT_CELLS_PER_WORD (V = 1M: 16 cells, 17M arcs with the current cells, where the
+# full 10 x 10 grid would be 101M arcs). `python -m jobs.bench realloc --vs-dense` measures the
+# time, memory and gap to the dense optimum this buys (docs/results.md).
 DEFAULT_CELLS_PER_WORD = 16
 ARC_BUDGET = 1 << 24
 DEFAULT_PRICE_ROUNDS = 50  # annealed Sinkhorn steps for the candidate prices; 0 ranks by raw cost
@@ -142,17 +141,17 @@ def allocation_cost(
     """Total cost sum_w A[w, row_of[w]] + B[w, col_of[w]] (col_cost=None for callable costs)."""
     costs = _cost_blocks(row_cost, col_cost, allocation)
     per_word = np.empty(allocation.vocab_size, dtype=np.float64)
-    for start, stop, a, b in _iter_blocks(costs, allocation, _block_size(block_size, allocation)):
+    for start, stop, a, b in iter_blocks(costs, allocation, _block_size(block_size, allocation)):
         idx = np.arange(stop - start)
         rows, cols = allocation.row_of[start:stop], allocation.col_of[start:stop]
-        per_word[start:stop] = _pair_cost(a[idx, rows], b[idx, cols])
+        per_word[start:stop] = pair_cost(a[idx, rows], b[idx, cols])
     return math.fsum(per_word)
 
 
 # -- dense: the oracle -------------------------------------------------------------------
 
 
-def _solve_dense(costs: CostBlocks, current: Allocation, block_size: int) -> _Solution:
+def _solve_dense(costs: CostBlocks, current: Allocation, block_size: int) -> Solution:
     V, R, C = current.vocab_size, current.num_rows, current.num_cols
     entries = V * R * C
     if entries > DENSE_MAX_ENTRIES:
@@ -161,14 +160,14 @@ def _solve_dense(costs: CostBlocks, current: Allocation, block_size: int) -> _So
             f"than DENSE_MAX_ENTRIES={DENSE_MAX_ENTRIES:,}; use method='exact' for this vocabulary"
         )
     full = np.empty((V, R * C), dtype=np.float64)
-    for start, stop, a, b in _iter_blocks(costs, current, block_size):
-        full[start:stop] = _pair_cost(a[:, :, None], b[:, None, :]).reshape(stop - start, R * C)
+    for start, stop, a, b in iter_blocks(costs, current, block_size):
+        full[start:stop] = pair_cost(a[:, :, None], b[:, None, :]).reshape(stop - start, R * C)
     t0 = time.perf_counter()
     word_idx, new_cell = scipy.optimize.linear_sum_assignment(full)  # rectangular: V <= R*C
     seconds = time.perf_counter() - t0
     current_cost = full[np.arange(V), current.cell_of]
     solver = "scipy_linear_sum_assignment"
-    return _Solution(new_cell, current_cost, full[word_idx, new_cell], solver, entries, math.nan, seconds)
+    return Solution(new_cell, current_cost, full[word_idx, new_cell], solver, entries, math.nan, seconds)
 
 
 # -- entry point -------------------------------------------------------------------------
@@ -228,18 +227,10 @@ def solve_reallocation(
     costs = _cost_blocks(row_cost, col_cost, current)
     block_size = _block_size(block_size, current)
     if method == "exact":
-        solution = _solve_exact(
-            costs,
-            current,
-            int(k),
-            cells_per_word,
-            int(price_rounds),
-            keep_empty_cells,
-            cost_scale,
-            block_size,
-        )
+        args = (int(k), cells_per_word, int(price_rounds), keep_empty_cells, cost_scale, block_size)
+        solution = solve_exact(costs, current, *args)
     elif method == "two_stage":
-        solution = _solve_two_stage(costs, current, int(k), int(price_rounds), cost_scale, block_size)
+        solution = solve_two_stage(costs, current, int(k), int(price_rounds), cost_scale, block_size)
     else:
         solution = _solve_dense(costs, current, block_size)
     cost_before, cost_after = math.fsum(solution.current_cost), math.fsum(solution.new_cost)

@@ -23,16 +23,16 @@ _PRICE_SAMPLE_ENTRIES = 1 << 25  # words sampled to set prices: 128 MB of float3
 _PRICE_SAMPLE_CHUNKS = 16  # contiguous ranges spread over the ids (ids are often frequency ranks)
 # OR-Tools 9.15 truncates float costs, so costs are scaled to int64 here. It refuses to solve
 # (POSSIBLE_OVERFLOW, BAD_COST_RANGE) once max cost x n^2 (assignment; n = words) or max cost x n
-# (min-cost flow; n = nodes) nears 2^62 (measured for n = 10 .. 1e5; STACK_NOTES section 5);
-# these budgets keep two bits below that. More than 2^31 levels would buy nothing but more
+# (min-cost flow; n = nodes) nears 2^62 (docs/design.md, "Integer costs and tiers"); these
+# budgets keep two bits below that. More than 2^31 levels would buy nothing but more
 # cost-scaling phases.
-_LSA_BUDGET = 1 << 58
-_MCF_BUDGET = 1 << 57
-_MAX_LEVELS = 1 << 31
+LSA_BUDGET = 1 << 58
+MCF_BUDGET = 1 << 57
+MAX_LEVELS = 1 << 31
 
 
 @dataclass
-class _Solution:
+class Solution:
     """What a method hands back to `solve_reallocation`."""
 
     new_cell: np.ndarray  # (V,) flat cell of every word
@@ -48,7 +48,7 @@ class _Solution:
 # -- reading cost blocks -----------------------------------------------------------------
 
 
-def _checked(values: np.ndarray, name: str, start: int, shape: tuple[int, int]) -> np.ndarray:
+def checked_block(values: np.ndarray, name: str, start: int, shape: tuple[int, int]) -> np.ndarray:
     """A cost block as a float array of the expected shape holding only finite values."""
     values = np.asarray(values)
     if values.shape != shape:
@@ -75,7 +75,7 @@ def _checked(values: np.ndarray, name: str, start: int, shape: tuple[int, int]) 
     return values
 
 
-def _iter_blocks(
+def iter_blocks(
     costs: CostBlocks, current: Allocation, block_size: int
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """(start, stop, A_block, B_block) over all words, validated."""
@@ -86,17 +86,17 @@ def _iter_blocks(
         yield (
             start,
             stop,
-            _checked(a, "row_cost", start, (stop - start, R)),
-            _checked(b, "col_cost", start, (stop - start, C)),
+            checked_block(a, "row_cost", start, (stop - start, R)),
+            checked_block(b, "col_cost", start, (stop - start, C)),
         )
 
 
-def _pair_cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pair_cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A + B in float64, computed the same way everywhere so that equal cells give equal floats."""
     return a.astype(np.float64, copy=False) + b.astype(np.float64, copy=False)
 
 
-def _k_smallest(values: np.ndarray, k: int) -> np.ndarray:
+def k_smallest(values: np.ndarray, k: int) -> np.ndarray:
     """(n, k) indices of the k smallest entries of each row, unordered."""
     n, width = values.shape
     if k >= width:
@@ -107,7 +107,7 @@ def _k_smallest(values: np.ndarray, k: int) -> np.ndarray:
 # -- candidate prices --------------------------------------------------------------------
 
 
-def _balancing_prices(costs: CostBlocks, current: Allocation, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+def balancing_prices(costs: CostBlocks, current: Allocation, rounds: int) -> tuple[np.ndarray, np.ndarray]:
     """(R,) row and (C,) column prices that spread a sample of words evenly over the table.
 
     Low-rank costs make the same few rows and columns the cheapest for most words, so raw
@@ -132,7 +132,7 @@ def _balancing_prices(costs: CostBlocks, current: Allocation, rounds: int) -> tu
     parts = []
     for start in np.linspace(0, V - size, chunks).round().astype(np.int64).tolist():
         a, b = costs(start, start + size)
-        parts.append((_checked(a, "row_cost", start, (size, R)), _checked(b, "col_cost", start, (size, C))))
+        parts.append((checked_block(a, "row_cost", start, (size, R)), checked_block(b, "col_cost", start, (size, C))))
     prices = []
     for side, slots in ((0, C), (1, R)):
         values = np.concatenate([p[side] for p in parts])
@@ -175,7 +175,7 @@ def _integer_costs(reduced: np.ndarray, budget: int, cost_scale: float | None) -
     """
     top = float(reduced.max()) if reduced.size else 0.0
     if cost_scale is None:
-        scale = min(budget, _MAX_LEVELS) / top if top > 0 else 1.0
+        scale = min(budget, MAX_LEVELS) / top if top > 0 else 1.0
     else:
         if not (cost_scale > 0 and math.isfinite(cost_scale)):
             raise ValueError(f"cost_scale must be a positive finite number, got {cost_scale}")
@@ -189,11 +189,11 @@ def _integer_costs(reduced: np.ndarray, budget: int, cost_scale: float | None) -
     return np.rint(reduced * scale).astype(np.int64), scale
 
 
-def _assignment(
+def assignment(
     word: np.ndarray, right: np.ndarray, reduced: np.ndarray, n: int, cost_scale: float | None
 ) -> tuple[np.ndarray, float, float]:
     """Perfect matching of n words onto n right nodes: (right node of each word, scale, seconds)."""
-    int_cost, scale = _integer_costs(reduced, _LSA_BUDGET // (n + 1) ** 2, cost_scale)
+    int_cost, scale = _integer_costs(reduced, LSA_BUDGET // (n + 1) ** 2, cost_scale)
     lsa = linear_sum_assignment.SimpleLinearSumAssignment()
     lsa.add_arcs_with_cost(word, right, int_cost)
     del int_cost
@@ -206,7 +206,7 @@ def _assignment(
     return mate, scale, seconds
 
 
-def _flow(
+def flow_match(
     word: np.ndarray,
     target: np.ndarray,
     reduced: np.ndarray,
@@ -220,7 +220,7 @@ def _flow(
     Returns (which word -> target arcs carry a word, scale, seconds).
     """
     source, sink = num_words + num_targets, num_words + num_targets + 1
-    int_cost, scale = _integer_costs(reduced, _MCF_BUDGET // (sink + 2), cost_scale)
+    int_cost, scale = _integer_costs(reduced, MCF_BUDGET // (sink + 2), cost_scale)
     target_nodes = np.arange(num_words, num_words + num_targets, dtype=np.int32)
     tails = np.concatenate([np.full(num_words, source, np.int32), word, target_nodes])
     heads = np.concatenate(

@@ -1,7 +1,7 @@
 """The exact reallocation method: a min-cost matching on a sparse candidate graph.
 
 Each word's candidates are the cheapest cells of its k best rows x k best columns, ranked by
-cost plus the row and column prices that spread demand (realloc_common._balancing_prices),
+cost plus the row and column prices that spread demand (realloc_common.balancing_prices),
 and its current cell. OR-Tools matches the words onto distinct cells along those arcs. When
 words' costs span too many orders of magnitude for one integer scale, words are matched in
 tiers, widest cost range first (`_tiers`).
@@ -13,23 +13,23 @@ import numpy as np
 
 from lightrnn.allocation import Allocation
 from lightrnn.realloc_common import (
-    _LSA_BUDGET,
-    _MAX_LEVELS,
+    LSA_BUDGET,
+    MAX_LEVELS,
     CostBlocks,
-    _assignment,
-    _balancing_prices,
-    _checked,
-    _flow,
-    _iter_blocks,
-    _k_smallest,
-    _pair_cost,
-    _Solution,
+    Solution,
+    assignment,
+    balancing_prices,
+    checked_block,
+    flow_match,
+    iter_blocks,
+    k_smallest,
+    pair_cost,
 )
 
 # exact matches words in tiers of spread (the range of a word's candidate costs), widest first,
 # when one matching would leave the median word fewer than TIER_MIN_LEVELS integer cost levels:
 # the UPPER_SHARE of words with the widest spreads in tiers at most TIER_RATIO apart, then the
-# rest in one assignment (V = 1M, count-scaled costs: 5 tiers, 82 to 93 s; README, "Reallocation solver")
+# rest in one assignment (docs/design.md, "Integer costs and tiers"; `python -m jobs.bench realloc` reports tiers)
 TIER_MIN_LEVELS = 4096
 TIER_RATIO = 32.0
 UPPER_SHARE = 0.2
@@ -46,7 +46,7 @@ def _exact_candidates(
     """Arcs grouped by word: (word, cell, float cost, reduced cost), each word's current cost,
     and each word's spread (its largest reduced cost)."""
     R, C = current.num_rows, current.num_cols
-    row_price, col_price = _balancing_prices(costs, current, price_rounds)
+    row_price, col_price = balancing_prices(costs, current, price_rounds)
     k_rows, k_cols = min(k, R), min(k, C)
     grid = k_rows * k_cols
     keep = grid if cells_per_word is None else min(cells_per_word, grid)
@@ -54,21 +54,21 @@ def _exact_candidates(
     words, cells, arc_costs, reduced = [], [], [], []
     current_cost = np.empty(current.vocab_size, dtype=np.float64)
     spread = np.empty(current.vocab_size, dtype=np.float64)
-    for start, stop, a, b in _iter_blocks(costs, current, block_size):
+    for start, stop, a, b in iter_blocks(costs, current, block_size):
         n = stop - start
         idx = np.arange(n)[:, None]
         priced_a, priced_b = a + row_price, b + col_price
-        rows, cols = _k_smallest(priced_a, k_rows), _k_smallest(priced_b, k_cols)  # (n, k)
+        rows, cols = k_smallest(priced_a, k_rows), k_smallest(priced_b, k_cols)  # (n, k)
         cell = (rows[:, :, None] * C + cols[:, None, :]).reshape(n, grid)
-        cost = _pair_cost(a[idx, rows][:, :, None], b[idx, cols][:, None, :]).reshape(n, grid)
+        cost = pair_cost(a[idx, rows][:, :, None], b[idx, cols][:, None, :]).reshape(n, grid)
         if keep < grid:
-            rank = _pair_cost(priced_a[idx, rows][:, :, None], priced_b[idx, cols][:, None, :]).reshape(n, grid)
+            rank = pair_cost(priced_a[idx, rows][:, :, None], priced_b[idx, cols][:, None, :]).reshape(n, grid)
             best = np.argpartition(rank, keep - 1, axis=1)[:, :keep]
             cell, cost = np.take_along_axis(cell, best, axis=1), np.take_along_axis(cost, best, axis=1)
         # Every word also keeps its current cell (once), so the current allocation is a perfect
         # matching of this graph: a solution exists and is never worse than the current one.
         cur_cell = current.cell_of[start:stop]
-        cur_cost = _pair_cost(a[idx[:, 0], current.row_of[start:stop]], b[idx[:, 0], current.col_of[start:stop]])
+        cur_cost = pair_cost(a[idx[:, 0], current.row_of[start:stop]], b[idx[:, 0], current.col_of[start:stop]])
         current_cost[start:stop] = cur_cost
         mask = np.ones((n, cell.shape[1] + 1), dtype=bool)
         mask[:, -1] = ~(cell == cur_cell[:, None]).any(axis=1)
@@ -107,14 +107,14 @@ def _match(
     cells, right = _compact(cell, num_cells)
     if cells.size == words.size:
         # As many candidate cells as words: a perfect matching, for OR-Tools' linear sum
-        # assignment (about 5x faster than min-cost flow, STACK_NOTES section 5).
-        mate, scale, seconds = _assignment(left, right, reduced, words.size, cost_scale)
+        # assignment, several times faster than min-cost flow on the same graph (docs/design.md).
+        mate, scale, seconds = assignment(left, right, reduced, words.size, cost_scale)
         return right == mate[left], "ortools_linear_sum_assignment", scale, seconds
     # Some cells stay empty, which a perfect-matching solver only expresses with O(words x
     # empty cells) extra arcs; square reductions with mirrored arcs ran 40-400x slower.
     # Min-cost flow takes the rectangular problem as it is (about 3x slower than the square
     # case at V = 1M; keep_empty_cells=True avoids it).
-    chosen, scale, seconds = _flow(left, right, reduced, words.size, cells.size, 1, cost_scale)
+    chosen, scale, seconds = flow_match(left, right, reduced, words.size, cells.size, 1, cost_scale)
     return chosen, "ortools_min_cost_flow", scale, seconds
 
 
@@ -130,7 +130,7 @@ def _tiers(spread: np.ndarray, num_words: int) -> list[np.ndarray]:
     positive = spread[spread > 0]
     if positive.size == 0:
         return []
-    levels = min(_LSA_BUDGET // (num_words + 1) ** 2, _MAX_LEVELS)
+    levels = min(LSA_BUDGET // (num_words + 1) ** 2, MAX_LEVELS)
     top = float(positive.max())
     if float(np.median(positive)) * levels / top >= TIER_MIN_LEVELS:
         return []
@@ -161,15 +161,15 @@ def _pair_costs(
             hi += 1
         stop = int(ids[hi - 1]) + 1
         a, b = costs(start, stop)
-        a = _checked(a, "row_cost", start, (stop - start, R))
-        b = _checked(b, "col_cost", start, (stop - start, C))
+        a = checked_block(a, "row_cost", start, (stop - start, R))
+        b = checked_block(b, "col_cost", start, (stop - start, C))
         pick = order[lo:hi]
-        out[pick] = _pair_cost(a[words[pick] - start, cells[pick] // C], b[words[pick] - start, cells[pick] % C])
+        out[pick] = pair_cost(a[words[pick] - start, cells[pick] // C], b[words[pick] - start, cells[pick] % C])
         lo = hi
     return out
 
 
-def _solve_exact(
+def solve_exact(
     costs: CostBlocks,
     current: Allocation,
     k: int,
@@ -178,7 +178,7 @@ def _solve_exact(
     keep_empty_cells: bool,
     cost_scale: float | None,
     block_size: int,
-) -> _Solution:
+) -> Solution:
     V, num_cells = current.vocab_size, current.num_cells
     word, cell, arc_cost, reduced, current_cost, spread = _exact_candidates(
         costs, current, k, cells_per_word, price_rounds, block_size
@@ -197,8 +197,25 @@ def _solve_exact(
         chosen, solver, scale, seconds = _match(word, cell, reduced, num_cells, cost_scale)
         new_cell[word[chosen]] = cell[chosen]
         new_cost[word[chosen]] = arc_cost[chosen]
-        return _Solution(new_cell, current_cost, new_cost, solver, int(word.size), scale, seconds)
+        return Solution(new_cell, current_cost, new_cost, solver, int(word.size), scale, seconds)
     del reduced
+    return _match_in_tiers(costs, current, tiers, (word, cell, arc_cost), current_cost, spread, block_size)
+
+
+def _match_in_tiers(
+    costs: CostBlocks,
+    current: Allocation,
+    tiers: list[np.ndarray],
+    arcs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    current_cost: np.ndarray,
+    spread: np.ndarray,
+    block_size: int,
+) -> Solution:
+    """Match the words tier by tier on the candidate `arcs` (word, cell, float cost)."""
+    V, num_cells = current.vocab_size, current.num_cells
+    word, cell, arc_cost = arcs
+    new_cell = np.empty(V, dtype=np.int64)
+    new_cost = np.empty(V, dtype=np.float64)
     # Costs are sums over a word's occurrences, so they span orders of magnitude, and in one
     # matching the rare words' costs would round to a few integer levels (at V = 1M a fraction
     # of one, and OR-Tools took 5x longer on the ties). The tiers are matched in turn, widest
@@ -212,7 +229,7 @@ def _solve_exact(
     taken = np.zeros(num_cells, dtype=bool)
     extra = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))  # home arcs
     unplaced = np.ones(V, dtype=bool)
-    num_arcs, seconds, solvers = int(word.size), 0.0, set()
+    num_arcs, seconds, solvers, scale = int(word.size), 0.0, set(), 1.0
     for tier in tiers:
         keep = tier[word] & ~taken[cell]
         mine = tier[extra[0]] & ~taken[extra[1]]
@@ -241,7 +258,7 @@ def _solve_exact(
                 np.concatenate([extra[2], _pair_costs(costs, current, displaced, freed, block_size)]),
             )
             num_arcs += displaced.size
-    return _Solution(
+    return Solution(
         new_cell,
         current_cost,
         new_cost,

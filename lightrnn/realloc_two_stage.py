@@ -16,13 +16,13 @@ import scipy.optimize
 from lightrnn.allocation import Allocation
 from lightrnn.realloc_common import (
     CostBlocks,
-    _balancing_prices,
-    _checked,
-    _flow,
-    _iter_blocks,
-    _k_smallest,
-    _pair_cost,
-    _Solution,
+    Solution,
+    balancing_prices,
+    checked_block,
+    flow_match,
+    iter_blocks,
+    k_smallest,
+    pair_cost,
 )
 
 _GATHER_BYTES = 1 << 30  # two_stage: column costs of the words of a group of rows
@@ -60,16 +60,16 @@ def _assign_rows(
     Returns (row, A at that row, current cost, number of arcs, cost scale, solver seconds).
     """
     V, R, C = current.vocab_size, current.num_rows, current.num_cols
-    row_price, _ = _balancing_prices(costs, current, price_rounds)
+    row_price, _ = balancing_prices(costs, current, price_rounds)
     k_rows = min(k, R)
     words, rows, arc_costs, reduced = [], [], [], []
     current_cost = np.empty(V, dtype=np.float64)
-    for start, stop, a, b in _iter_blocks(costs, current, block_size):
+    for start, stop, a, b in iter_blocks(costs, current, block_size):
         idx = np.arange(stop - start)
         cur_row = current.row_of[start:stop]
-        current_cost[start:stop] = _pair_cost(a[idx, cur_row], b[idx, current.col_of[start:stop]])
+        current_cost[start:stop] = pair_cost(a[idx, cur_row], b[idx, current.col_of[start:stop]])
         # the current row joins every word's list, so the current rows are a feasible flow
-        row = np.concatenate([_k_smallest(a + row_price, k_rows), cur_row[:, None]], axis=1)
+        row = np.concatenate([k_smallest(a + row_price, k_rows), cur_row[:, None]], axis=1)
         cost = a[idx[:, None], row].astype(np.float64)
         mask = np.ones(row.shape, dtype=bool)
         mask[:, -1] = ~(row[:, :-1] == cur_row[:, None]).any(axis=1)
@@ -78,7 +78,7 @@ def _assign_rows(
         arc_costs.append(cost[mask])
         reduced.append((cost - cost.min(axis=1, keepdims=True))[mask])
     word, row, arc_cost = np.concatenate(words), np.concatenate(rows), np.concatenate(arc_costs)
-    chosen, scale, seconds = _flow(word, row, np.concatenate(reduced), V, R, C, cost_scale)
+    chosen, scale, seconds = flow_match(word, row, np.concatenate(reduced), V, R, C, cost_scale)
     new_row = np.empty(V, dtype=np.int64)
     new_row[word[chosen]] = row[chosen]
     row_part = np.empty(V, dtype=np.float64)
@@ -97,19 +97,19 @@ def _gather_col_costs(costs: CostBlocks, current: Allocation, words: np.ndarray,
         lo, hi = np.searchsorted(ascending, [start, stop])
         if lo == hi:
             continue  # none of the wanted words here: do not compute this block
-        b = _checked(costs(start, stop)[1], "col_cost", start, (stop - start, C))
+        b = checked_block(costs(start, stop)[1], "col_cost", start, (stop - start, C))
         out[order[lo:hi]] = b[ascending[lo:hi] - start]
     return out
 
 
-def _solve_two_stage(
+def solve_two_stage(
     costs: CostBlocks,
     current: Allocation,
     k: int,
     price_rounds: int,
     cost_scale: float | None,
     block_size: int,
-) -> _Solution:
+) -> Solution:
     V, R, C = current.vocab_size, current.num_rows, current.num_cols
     new_row, row_part, current_cost, num_arcs, scale, seconds = _assign_rows(
         costs, current, k, price_rounds, cost_scale, block_size
@@ -134,4 +134,4 @@ def _solve_two_stage(
                 new_col[group[lo:hi]] = cols
                 col_part[group[lo:hi]] = gathered[np.arange(lo, hi), cols]
     solver = "ortools_min_cost_flow+scipy_linear_sum_assignment"
-    return _Solution(new_row * C + new_col, current_cost, row_part + col_part, solver, num_arcs, scale, seconds)
+    return Solution(new_row * C + new_col, current_cost, row_part + col_part, solver, num_arcs, scale, seconds)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,34 +71,71 @@ class EvalResult:
         return math.exp(self.loss)
 
 
-@torch.no_grad()
-def evaluate(
-    model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int = 10, bptt: int = 35, device: str = "cpu"
-) -> EvalResult:
-    """Perplexity over every token of `stream_N` (see the module docstring)."""
-    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)  # a copy: inputs may be read-only
-    if stream.numel() == 0:
-        raise EmptyStreamError("cannot evaluate on an empty stream")
-    full = torch.cat((torch.tensor([eos_id]), stream))  # N + 1 tokens, N targets
-    length = math.ceil(stream.numel() / batch_size)  # targets per column
-    padded = torch.full((batch_size * length + 1,), eos_id, dtype=torch.long)
-    padded[: full.numel()] = full
-    scored = torch.zeros(batch_size * length, dtype=torch.bool)
-    scored[: stream.numel()] = True
-    # column b reads padded[b*L : b*L + L + 1]: inputs then targets shifted by one
-    cols_BL1 = torch.stack([padded[b * length : b * length + length + 1] for b in range(batch_size)])
-    mask_BL = scored.view(batch_size, length)
+@contextmanager
+def inference(model: LanguageModel) -> Iterator[LanguageModel]:
+    """no_grad and eval mode (no dropout) for the duration; the training flag is restored."""
     was_training = model.training
     model.eval()
-    nll, state = 0.0, None
-    cols_BL1, mask_BL = cols_BL1.to(device), mask_BL.to(device)
-    for i in range(0, length, bptt):
-        t = min(bptt, length - i)
-        x, y = cols_BL1[:, i : i + t], cols_BL1[:, i + 1 : i + 1 + t]
-        logp_BT, state = model.target_log_probs(x, y, state)
-        nll -= float(logp_BT[mask_BL[:, i : i + bptt]].double().sum())
-    model.train(was_training)
-    return EvalResult(nll=nll, tokens=int(stream.numel()))
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def eval_columns(stream_N: np.ndarray | torch.Tensor, eos_id: int, batch_size: int) -> torch.Tensor:
+    """(B, L + 1) columns of `<eos>` + the stream, as in the module docstring (the last padded).
+
+    Column b reads positions b*L .. b*L + L of `<eos>` + stream: its inputs, then its
+    targets shifted by one, so its L targets are stream tokens b*L .. b*L + L - 1.
+    """
+    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)  # a copy: inputs may be read-only
+    if stream.numel() == 0:
+        raise EmptyStreamError("cannot score an empty stream")
+    length = math.ceil(stream.numel() / batch_size)  # targets per column
+    padded = torch.full((batch_size * length + 1,), eos_id, dtype=torch.long)  # padding is never scored
+    padded[1 : stream.numel() + 1] = stream
+    return torch.stack([padded[b * length : b * length + length + 1] for b in range(batch_size)])
+
+
+def log_probs_along(model: LanguageModel, inputs_BL1: torch.Tensor, bptt: int) -> torch.Tensor:
+    """log P of every target of B sequences read in `bptt` segments, the state carried: (B, L) float64, CPU.
+
+    `inputs_BL1[:, t + 1]` is the target after reading `inputs_BL1[:, : t + 1]`; every
+    sequence starts from a zero state. The one scoring loop of evaluation and inference.
+    """
+    device = next(model.parameters()).device
+    inputs_BL1 = inputs_BL1.to(device)
+    length = inputs_BL1.shape[1] - 1
+    logp_BL = torch.empty(inputs_BL1.shape[0], length, dtype=torch.float64)
+    state: State | None = None
+    with inference(model):
+        for i in range(0, length, bptt):
+            t = min(bptt, length - i)
+            logp_BT, state = model.target_log_probs(inputs_BL1[:, i : i + t], inputs_BL1[:, i + 1 : i + 1 + t], state)
+            logp_BL[:, i : i + t] = logp_BT.double().cpu()
+    return logp_BL
+
+
+def score_stream(
+    model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int = 10, bptt: int = 35
+) -> np.ndarray:
+    """log P of every token of `stream_N`, (N,) float64, read as the module docstring shows.
+
+    The stream is preceded by `<eos>` and cut into `batch_size` columns read in parallel,
+    the state carried across segments; a column starts from a zero state. With
+    batch_size=1 every token is conditioned on the whole text before it.
+    """
+    cols_BL1 = eval_columns(stream_N, eos_id, batch_size)
+    return log_probs_along(model, cols_BL1, bptt).reshape(-1)[: len(stream_N)].numpy()
+
+
+def evaluate(
+    model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int = 10, bptt: int = 35
+) -> EvalResult:
+    """Perplexity over every token of `stream_N` (see the module docstring), on the model's device."""
+    logp_N = score_stream(model, stream_N, eos_id, batch_size, bptt)
+    return EvalResult(nll=-float(logp_N.sum()), tokens=int(logp_N.shape[0]))
 
 
 @dataclass

@@ -20,6 +20,16 @@ UNK = "<unk>"
 EOS = "<eos>"
 
 
+def tokenize(line: str, lower: bool = False) -> list[str]:
+    """The words of one line: the project's one tokenizer rule.
+
+    Whitespace-separated tokens (`str.split`: any run of Unicode whitespace), after
+    lower-casing when `lower` is set. Every reader, counter and encoder goes through it;
+    the vectorised corpus stage is tested against it.
+    """
+    return (line.lower() if lower else line).split()
+
+
 class VocabularyError(ValueError):
     """A vocabulary that cannot be built or read."""
 
@@ -86,8 +96,7 @@ class Vocabulary:
 
     def encode_line(self, line: str, lower: bool = False) -> np.ndarray:
         """Whitespace-tokenised ids of one line followed by `<eos>`."""
-        words = (line.lower() if lower else line).split()
-        ids = self.encode(words)
+        ids = self.encode(tokenize(line, lower))
         return np.append(ids, np.int32(self.eos_id))
 
     def decode(self, ids: Iterable[int]) -> list[str]:

@@ -22,12 +22,11 @@ stream of `lightrnn.corpus.encode_file` (one `<eos>` after every line).
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -36,50 +35,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from lightrnn.vocab import EOS, Vocabulary
+from lightrnn.vocab import EOS, Vocabulary, tokenize
 from pipeline import storage
 from pipeline.dataset import SHARD_SCHEMA, VOCAB_FILE
+from pipeline.runconfig import DataConfig
 from pipeline.textio import CorpusError, expand_inputs, iter_lines
 
 SPLITS = ("train", "valid", "test")
 SHARDS_DIR = "shards"
-# Test hook: seconds to wait just before the commit, so a test can kill the stage there.
-PAUSE_BEFORE_COMMIT_ENV = "LIGHTRNN_TEST_PAUSE_BEFORE_COMMIT_S"
 # Full blocks buffered per Parquet row group: 256 x 8192 int32 = 8 MiB per write.
 _BLOCKS_PER_ROW_GROUP = 256
-
-
-@dataclass
-class PrepareConfig:
-    """What the prepare stage reads, how it tokenizes and how it cuts the stream."""
-
-    train: str
-    output: str
-    valid: str | None = None
-    test: str | None = None
-    max_vocab: int = 0  # 0: keep every word seen min_count times (PTB/WikiText ship their own <unk>)
-    min_count: int = 1
-    block_len: int = 8192  # 32 KiB per Parquet row; long enough that few BPTT windows cross a block
-    lower: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)  # s3fs keywords; never written out
-
-    def __post_init__(self) -> None:
-        if self.block_len < 1:
-            raise ValueError(f"block_len must be >= 1, got {self.block_len}")
-        if self.max_vocab < 0 or self.max_vocab == 1:
-            raise ValueError(f"max_vocab must be 0 (no limit) or >= 2, got {self.max_vocab}")
-        if self.min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
-        for uri in (self.train, self.valid, self.test, self.output):
-            if uri and uri.startswith("memory://"):
-                raise ValueError(f"{uri}: memory:// lives in one process; Ray workers cannot see it")
-
-    def recorded(self) -> dict[str, Any]:
-        """The part of the config that defines the dataset (what the manifest compares)."""
-        d = asdict(self)
-        d.pop("storage_options")
-        d.pop("output")
-        return d
 
 
 def _count_files(batch: pa.Table, lower: bool, storage_options: dict) -> pa.Table:
@@ -91,7 +56,7 @@ def _count_files(batch: pa.Table, lower: bool, storage_options: dict) -> pa.Tabl
         error = ""
         try:
             for line in iter_lines(item["uri"], storage_options):
-                words = (line.lower() if lower else line).split()
+                words = tokenize(line, lower)
                 lines += 1
                 tokens += len(words) + 1
                 if item["split"] == "train":
@@ -221,7 +186,7 @@ def _encode_files(
         error = ""
         try:
             for line in iter_lines(item["uri"], storage_options):
-                buf.extend([get(w, unk) for w in (line.lower() if lower else line).split()])
+                buf.extend([get(w, unk) for w in tokenize(line, lower)])
                 buf.append(eos)
                 while buf_start + len(buf) >= block_end:
                     n = block_end - buf_start
@@ -294,21 +259,27 @@ def _clear_unfinished(root: str, storage_options: dict) -> None:
         storage.remove(storage.join(root, name), storage_options)
 
 
-def prepare(config: PrepareConfig) -> dict[str, Any]:
-    """Run the stage (Ray must be initialised); returns the manifest. Idempotent per config."""
+def prepare(data: DataConfig, output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the stage (Ray must be initialised); returns the manifest. Idempotent per config.
+
+    `storage_options` are s3fs keywords (e.g. an endpoint) for the inputs and the output;
+    they are never written out.
+    """
     t0 = time.perf_counter()
-    root, so = config.output.rstrip("/"), dict(config.storage_options)
-    recorded = config.recorded()
+    if output.startswith("memory://"):
+        raise ValueError(f"{output}: memory:// lives in one process; Ray workers cannot see it")
+    root, so = output.rstrip("/"), dict(storage_options or {})
+    recorded = asdict(data)  # everything in it defines the dataset
     if storage.check_output(root, recorded, so):
         _log(f"{root} already holds this dataset (manifest found, same config): nothing to do")
         return {**storage.read_manifest(root, so), "skipped": True}
     _clear_unfinished(root, so)
     run_id = uuid.uuid4().hex[:8]  # in shard names, so a killed run's files are never mistaken for ours
 
-    inputs = {s: expand_inputs(getattr(config, s), so) for s in SPLITS if getattr(config, s)}
+    inputs = {s: expand_inputs(uri, so) for s, uri in data.inputs().items()}
     items = [{"split": s, "file_index": i, "uri": u} for s, uris in inputs.items() for i, u in enumerate(uris)]
     _log(f"pass 1/2: counting {len(items)} files")
-    counted_table = _run_per_file(items, _count_files, {"lower": config.lower, "storage_options": so})
+    counted_table = _run_per_file(items, _count_files, {"lower": data.lower, "storage_options": so})
     phases = {"count": time.perf_counter() - t0}
 
     counts = _merge_counts(counted_table)
@@ -316,8 +287,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     del counted_table
     for row in counted:
         row["shard"] = storage.join(root, SHARDS_DIR, f"{row['split']}-{row['file_index']:05d}-{run_id}.parquet")
-    totals, lines = _place_files(counted, config)
-    vocab = Vocabulary.build(counts, max_size=config.max_vocab, min_count=config.min_count)
+    totals, lines = _place_files(counted, data)
+    vocab = Vocabulary.build(counts, max_size=data.max_vocab, min_count=data.min_count)
     del counts
     vocab_uri = storage.join(root, VOCAB_FILE)
     with storage.atomic_write(vocab_uri, so) as f:
@@ -325,19 +296,16 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     phases["vocab"] = time.perf_counter() - t0 - sum(phases.values())
 
     _log(f"vocabulary: {len(vocab):,} words; pass 2/2: encoding {sum(totals.values()):,} tokens")
-    kwargs = {"lower": config.lower, "block_len": config.block_len, "vocab_uri": vocab_uri, "run_id": run_id}
+    kwargs = {"lower": data.lower, "block_len": data.block_len, "vocab_uri": vocab_uri, "run_id": run_id}
     encoded = _run_per_file(counted, _encode_files, {**kwargs, "storage_options": so}).to_pylist()
     phases["encode"] = time.perf_counter() - t0 - sum(phases.values())
 
     splits = {}
     for split, files in inputs.items():
-        shards = _finish_split(split, [r for r in encoded if r["split"] == split], totals[split], root, run_id, config)
+        rows = [r for r in encoded if r["split"] == split]
+        shards = _finish_split(split, rows, totals[split], root, run_id, data.block_len, so)
         splits[split] = {"tokens": totals[split], "lines": lines[split], "files": files, **shards}
 
-    pause = float(os.environ.get(PAUSE_BEFORE_COMMIT_ENV, "0") or 0)
-    if pause:
-        _log(f"pausing {pause:g} s before the commit ({PAUSE_BEFORE_COMMIT_ENV})")
-        time.sleep(pause)
     manifest = {
         "config": recorded,
         "vocab": {"path": VOCAB_FILE, "size": len(vocab)},
@@ -358,7 +326,7 @@ def _merge_counts(counted: pa.Table) -> dict[str, int]:
     return dict(zip(merged["word"].to_pylist(), merged["count_sum"].to_pylist(), strict=True))
 
 
-def _place_files(counted: list[dict], config: PrepareConfig) -> tuple[dict[str, int], dict[str, int]]:
+def _place_files(counted: list[dict], data: DataConfig) -> tuple[dict[str, int], dict[str, int]]:
     """Give each file its first global token offset in its split; tokens and lines per split."""
     totals: dict[str, int] = defaultdict(int)
     lines: dict[str, int] = defaultdict(int)
@@ -368,24 +336,24 @@ def _place_files(counted: list[dict], config: PrepareConfig) -> tuple[dict[str, 
         lines[row["split"]] += row["lines"]
     for split in dict.fromkeys(row["split"] for row in counted):  # in split order
         if lines[split] == 0:
-            raise CorpusError(f"the {split} corpus ({getattr(config, split)}) is empty: it needs at least one line")
+            raise CorpusError(f"the {split} corpus ({getattr(data, split)}) is empty: it needs at least one line")
     for row in counted:
         row["split_total"] = totals[row["split"]]
     return totals, lines
 
 
 def _finish_split(
-    split: str, rows: list[dict], total: int, root: str, run_id: str, config: PrepareConfig
+    split: str, rows: list[dict], total: int, root: str, run_id: str, block_len: int, storage_options: dict
 ) -> dict[str, Any]:
     """Write the split's straddling blocks; check every block exists; its manifest entry."""
     shards = [r["shard"] for r in rows if r["shard"]]
     edges = _join_pieces(split, rows)
     if edges:
         edges_uri = storage.join(root, SHARDS_DIR, f"{split}-edges-{run_id}.parquet")
-        with storage.atomic_write(edges_uri, config.storage_options) as f:
+        with storage.atomic_write(edges_uri, storage_options) as f:
             pq.write_table(_blocks_table(split, list(edges), list(edges.values())), f)
         shards.append(edges_uri)
-    n_blocks = -(-total // config.block_len)
+    n_blocks = -(-total // block_len)
     if sum(r["full_blocks"] for r in rows) + len(edges) != n_blocks:
         raise RuntimeError(f"{split}: blocks written do not cover the stream; this is a bug")
     return {"blocks": n_blocks, "shards": [s[len(root) + 1 :] for s in shards]}  # relative: the dataset can move

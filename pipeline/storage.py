@@ -15,6 +15,7 @@ explicitly as `storage_options` (s3fs keywords, e.g. {"endpoint_url": "http://12
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -24,6 +25,8 @@ from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from lightrnn.io import atomic_path
 
 MANIFEST = "manifest.json"
 FORMAT = "lightrnn-token-blocks"
@@ -105,24 +108,17 @@ def open(uri: str, mode: str = "rb", storage_options: Mapping[str, Any] | None =
 
 @contextlib.contextmanager
 def atomic_write(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[IO[bytes]]:
-    """Write `uri` whole or not at all: a local temporary file, then rename or one upload."""
+    """Write `uri` whole or not at all: `lightrnn.io.atomic_path` on local disk, else one upload."""
     fs, path = filesystem(uri, storage_options)
-    local = isinstance(fs, LocalFileSystem)
-    directory = os.path.dirname(path) if local else None
-    if local:
-        os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    if isinstance(fs, LocalFileSystem):
+        with atomic_path(path) as tmp, builtins.open(tmp, "wb") as f:
             yield f
-        if local:
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; others (trainers, users) must read it
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return
+    with tempfile.TemporaryDirectory(prefix="lightrnn-upload-") as tmp_dir:
+        tmp = os.path.join(tmp_dir, "part")
+        with builtins.open(tmp, "wb") as f:
+            yield f
+        fs.put_file(tmp, path)  # an S3 PUT or multipart upload is invisible until it completes
 
 
 def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:

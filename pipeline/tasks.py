@@ -1,11 +1,11 @@
 """The pipeline's Ray tasks between training phases: cost accumulation, reallocation, evaluation.
 
-Each reads a Ray Train checkpoint (`state.pt` + `allocation.parquet`) and the prepared
-dataset straight from storage, so the driver never holds a model or the corpus:
+Each reads a training checkpoint (`pipeline.checkpoint`) and the prepared dataset straight
+from storage, so the driver never holds a model or the corpus:
 
     costs-k    `accumulate_costs`: N tasks, one per slice of the train blocks, each
                summing the head inputs per word (`lightrnn.costs`); the driver adds them
-    realloc-k  `reallocate`: one task with its CPUs and memory requested explicitly,
+    realloc-k  `reallocate`: one task with its CPUs and memory requested explicitly (`ResourcesConfig`),
                solving the word -> cell matching (`lightrnn.realloc.solve_reallocation`)
     evaluate   `evaluate_checkpoint`: valid and test perplexity of the final model
 """
@@ -21,28 +21,15 @@ import pyarrow as pa
 import ray
 import torch
 
-from lightrnn.allocation import Allocation
-from lightrnn.config import ModelConfig, ReallocConfig, from_dict
+from lightrnn.config import ReallocConfig, from_dict
 from lightrnn.costs import HeadInputSums, accumulate_head_inputs, cost_blocks
-from lightrnn.model import LanguageModel, LightRNN, build_model
+from lightrnn.model import LightRNN
 from lightrnn.realloc import solve_reallocation
 from lightrnn.train import evaluate
 from pipeline import storage
+from pipeline.checkpoint import model_from_checkpoint
 from pipeline.dataset import open_dataset
-from pipeline.train_loop import ALLOCATION_FILE, load_checkpoint_state
-
-
-def model_from_checkpoint(uri: str, device: str = "cpu") -> LanguageModel:
-    """The model saved in a Ray Train checkpoint directory, in eval mode."""
-    state = load_checkpoint_state(uri, device)
-    config = from_dict(ModelConfig, state["model_config"])
-    allocation = None
-    if config.kind == "lightrnn":
-        with storage.open(storage.join(uri, ALLOCATION_FILE), "rb") as f:
-            allocation = Allocation.load(f)
-    model = build_model(config, allocation)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
+from pipeline.runconfig import ResourcesConfig
 
 
 def _train_slice(data_root: str, part: int, parts: int) -> np.ndarray:
@@ -98,17 +85,17 @@ def load_sums(uri: str) -> HeadInputSums:
         return HeadInputSums(*(torch.from_numpy(arrays[k]) for k in ("row_sum_VH", "col_sum_VH", "count_V")))
 
 
-def task_memory_bytes(vocab_size: int, config: ReallocConfig) -> int:
+def task_memory_bytes(vocab_size: int, resources: ResourcesConfig) -> int:
     """What the reallocation task asks Ray for: the config's figure, else ~4 KB per word (>= 512 MB)."""
-    if config.task_memory_mb:
-        return config.task_memory_mb * 2**20
+    if resources.realloc_memory_mb:
+        return resources.realloc_memory_mb * 2**20
     return max(512 * 2**20, vocab_size * 4096)
 
 
 @ray.remote
-def _reallocate(checkpoint: str, sums_uri: str, config: dict[str, Any], out_uri: str) -> dict[str, Any]:
+def _reallocate(checkpoint: str, sums_uri: str, config: dict[str, Any], threads: int, out_uri: str) -> dict[str, Any]:
     realloc = from_dict(ReallocConfig, config)
-    torch.set_num_threads(realloc.task_cpus)
+    torch.set_num_threads(threads)
     model = model_from_checkpoint(checkpoint)
     assert isinstance(model, LightRNN)
     sums = load_sums(sums_uri)
@@ -120,10 +107,13 @@ def _reallocate(checkpoint: str, sums_uri: str, config: dict[str, Any], out_uri:
     return stats.as_dict()
 
 
-def reallocate(checkpoint: str, sums_uri: str, config: ReallocConfig, vocab_size: int, out_uri: str) -> dict:
-    """Solve the reallocation in one Ray task sized by `config`; the new table goes to `out_uri`."""
-    task = _reallocate.options(num_cpus=config.task_cpus, memory=task_memory_bytes(vocab_size, config))
-    return ray.get(task.remote(checkpoint, sums_uri, asdict(config), out_uri))
+def reallocate(
+    checkpoint: str, sums_uri: str, config: ReallocConfig, resources: ResourcesConfig, vocab_size: int, out_uri: str
+) -> dict:
+    """Solve the reallocation in one Ray task sized by `resources`; the new table goes to `out_uri`."""
+    cpus = resources.realloc_cpus
+    task = _reallocate.options(num_cpus=cpus, memory=task_memory_bytes(vocab_size, resources))
+    return ray.get(task.remote(checkpoint, sums_uri, asdict(config), cpus, out_uri))
 
 
 @ray.remote(num_cpus=1)

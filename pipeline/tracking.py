@@ -22,6 +22,10 @@ from lightrnn.allocation import Allocation
 from pipeline import storage
 
 STAGE_TAG = "lightrnn.stage"
+# MLflow 3's UI can open an experiment in its GenAI view (traces, judges); this tag says it holds
+# model training runs (the UI's constant for the training view); see also `experiment_page`
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 def default_tracking_uri(root: str) -> str:
@@ -37,17 +41,33 @@ def artifact_location(tracking_uri: str) -> str | None:
     return None  # a server decides (its --artifacts-destination or --default-artifact-root)
 
 
-def ui_command(tracking_uri: str) -> str:
+def experiment_page(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs in the UI's training view.
+
+    MLflow 3.17's UI picks its view from the `workflowType` URL parameter (else the last one
+    the user chose, GenAI by default), not from the experiment's tag; the link sets it.
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def ui_command(tracking_uri: str, experiment_id: str) -> str:
+    """How to look at an experiment's runs: the server's page, or `mlflow ui` on a local store."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000"
+        return f"open {experiment_page(tracking_uri, experiment_id)}"
+    page = experiment_page("http://127.0.0.1:5000", experiment_id)
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   # then open {page}"
 
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of experiment `name`, created if needed; marked as holding training runs either way."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+    if experiment is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_location(tracking_uri), tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
 
 
 class Tracker:
@@ -76,6 +96,14 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         self.parent_id = run_id
         return run_id
+
+    def stage_runs(self, pattern: str) -> list[tuple[str, str]]:
+        """(stage, run id) of the parent's nested stage runs whose stage matches the SQL LIKE `pattern`."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{STAGE_TAG}` LIKE '{pattern}'",
+        )
+        return sorted(((r.data.tags[STAGE_TAG], r.info.run_id) for r in found), key=lambda r: (len(r[0]), r[0]))
 
     def stage_run(self, stage: str) -> str:
         """The nested run of `stage` under the parent: an earlier attempt's, or a new one."""
@@ -119,15 +147,15 @@ class Tracker:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
 
-def plot_learning_curves(tracker: Tracker, train_runs: list[tuple[str, str]], path: Path) -> None:
-    """Train loss per step for each phase, and valid perplexity at phase ends, from the stage runs."""
+def plot_learning_curves(tracker: Tracker, path: Path) -> None:
+    """Train loss per step for each phase, and valid perplexity at phase ends, from the train stage runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
-    for stage, run_id in train_runs:
+    for stage, run_id in tracker.stage_runs("train-%"):
         history = sorted(tracker.client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
         if history:
             ax_loss.plot([m.step for m in history], [m.value for m in history], label=stage)

@@ -2,9 +2,9 @@
 
 The driver opens the prepared dataset, hands Ray Train its full train blocks as a lazy
 Ray Dataset (split across workers by Train itself), and runs `TorchTrainer` with the
-worker loop of `pipeline.train_loop`. Checkpoints go to `{output}/{name}`; a second
-run with the same output and name continues from the latest one (Ray Train reads
-`checkpoint_manager_snapshot.json` there), and `FailureConfig(max_failures)` restarts a
+worker loop of `pipeline.train_loop`. Checkpoints (`pipeline.checkpoint`) go to
+`{output}/{name}`; a second run with the same output and name continues from the latest
+one (Ray Train reads its snapshot there), and `FailureConfig(max_failures)` restarts a
 failed worker group from it automatically.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -21,8 +22,9 @@ from ray.train.torch import TorchTrainer
 
 from lightrnn.config import ModelConfig, TrainConfig
 from pipeline import storage
-from pipeline.dataset import open_dataset
-from pipeline.train_loop import DistConfig, make_schedule, train_loop_per_worker
+from pipeline.checkpoint import Schedule, has_run, make_schedule
+from pipeline.dataset import TokenDataset, open_dataset
+from pipeline.train_loop import DistConfig, train_loop_per_worker
 
 __all__ = ["DistConfig", "RunExistsError", "run_training"]
 
@@ -52,28 +54,37 @@ def _absolute(uri: str) -> str:
     return os.path.abspath(uri) if "://" not in uri else uri
 
 
+def _plan(dataset: TokenDataset, train_config: TrainConfig, job: DistConfig) -> tuple[int, Schedule]:
+    """The full train blocks the run reads and its schedule; refuses a dataset or budget that cannot work."""
+    for split in ("train", "valid"):
+        if split not in dataset.splits:
+            raise ValueError(f"{job.data} has no {split!r} split; prepare it with --train and --valid")
+    full_blocks = dataset.manifest["splits"]["train"]["tokens"] // dataset.block_len  # the last may be short
+    train_blocks = min(full_blocks, job.limit_blocks) if job.limit_blocks else full_blocks
+    schedule = make_schedule(train_blocks, dataset.block_len, job.workers, train_config)
+    if job.stop_step > schedule.total_steps:
+        raise ValueError(f"stop_step {job.stop_step} is past the schedule's {schedule.total_steps} steps")
+    return train_blocks, schedule
+
+
 def run_training(
-    model_config: ModelConfig, train_config: TrainConfig, job: DistConfig, resume: bool = False
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    job: DistConfig,
+    resume: bool = False,
+    worker_loop: Callable[[dict], None] = train_loop_per_worker,
 ) -> dict[str, Any]:
     """Train on `job.data` with `job.workers` Ray Train workers; returns the final figures.
 
     Raises RunExistsError when `{output}/{name}` already holds a run and `resume` is False,
-    or holds none and `resume` is True.
+    or holds none and `resume` is True. `worker_loop` is what each worker runs (a wrapper
+    of `train_loop_per_worker`, e.g. one that injects a failure).
     """
     job = DistConfig(**{**asdict(job), "data": _absolute(job.data), "output": _absolute(job.output)})
     dataset = open_dataset(job.data)
-    for split in ("train", "valid"):
-        if split not in dataset.splits:
-            raise ValueError(f"{job.data} has no {split!r} split; prepare it with --train and --valid")
-    train_info = dataset.manifest["splits"]["train"]
-    full_blocks = train_info["tokens"] // dataset.block_len  # the split's last block may be short
-    train_blocks = min(full_blocks, job.limit_blocks) if job.limit_blocks else full_blocks
-    schedule = make_schedule(train_blocks, dataset.block_len, job.workers, train_config)  # fail before Ray starts
-    if job.stop_step > schedule.total_steps:
-        raise ValueError(f"stop_step {job.stop_step} is past the schedule's {schedule.total_steps} steps")
-
+    train_blocks, schedule = _plan(dataset, train_config, job)  # fails before Ray starts work
     run_dir = storage.join(job.output, job.name)
-    exists = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    exists = has_run(run_dir)
     if exists and not resume:
         raise RunExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --name")
     if resume and not exists:
@@ -82,7 +93,7 @@ def run_training(
     # Ray Data reads and filters lazily; Train splits the stream equally among workers
     train_ds = dataset.ray_dataset("train").filter(expr=f"block < {train_blocks}").select_columns(["tokens"])
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        worker_loop,
         train_loop_config={
             "model": asdict(model_config),
             "train": asdict(train_config),
@@ -105,22 +116,33 @@ def run_training(
         f"-> {run_dir}",
         flush=True,
     )
-    result = trainer.fit()
+    summary = _summary(trainer.fit(), run_dir, job.workers)
+    ppl = summary["valid_ppl"]
+    print(
+        f"[done] {summary['steps']} steps (from {summary['start_step']}), final loss "
+        f"{summary['final_train_loss']:.3f}, valid ppl {ppl if ppl is None or math.isnan(ppl) else round(ppl, 2)}, "
+        f"{summary['words_per_s'] or 0:,.0f} words/s on {job.workers} worker(s); checkpoint {summary['checkpoint']}",
+        flush=True,
+    )
+    return summary
+
+
+def _summary(result: ray.train.Result, run_dir: str, workers: int) -> dict[str, Any]:
+    """The figures of a finished run, from the metrics of its last report with a checkpoint."""
     metrics = result.metrics or {}
-    summary = {
+    seconds = metrics.get("attempt_seconds")
+    return {
         "run": run_dir,
-        "workers": job.workers,
+        "workers": workers,
         "steps": metrics.get("step"),
         "start_step": metrics.get("start_step"),
         "epochs": metrics.get("epoch"),
         "final_train_loss": metrics.get("final_train_loss"),
         "window_train_loss": metrics.get("loss"),
         "valid_ppl": metrics.get("valid_ppl"),
-        "words_per_s": metrics["attempt_words"] / metrics["attempt_seconds"]
-        if metrics.get("attempt_seconds")
-        else None,
+        "words_per_s": metrics["attempt_words"] / seconds if seconds else None,
         "train_words": metrics.get("attempt_words"),
-        "train_seconds": metrics.get("attempt_seconds"),
+        "train_seconds": seconds,
         # Checkpoint.path drops the URI scheme on remote storage: name it under the run instead
         "checkpoint": storage.join(run_dir, posixpath.basename(result.checkpoint.path.rstrip("/")))
         if result.checkpoint
@@ -134,11 +156,3 @@ def run_training(
             key=lambda m: m["step"],
         ),
     }
-    ppl = summary["valid_ppl"]
-    print(
-        f"[done] {summary['steps']} steps (from {summary['start_step']}), final loss "
-        f"{summary['final_train_loss']:.3f}, valid ppl {ppl if ppl is None or math.isnan(ppl) else round(ppl, 2)}, "
-        f"{summary['words_per_s'] or 0:,.0f} words/s on {job.workers} worker(s); checkpoint {summary['checkpoint']}",
-        flush=True,
-    )
-    return summary

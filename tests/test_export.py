@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,6 @@ from lightrnn.export import (
     dequantize_int8,
     export_bytes,
     load_model,
-    load_model_uri,
     quantize_int8,
     save_model,
 )
@@ -24,6 +24,7 @@ from lightrnn.infer import sentence_log_probs
 from lightrnn.model import build_model
 from lightrnn.train import evaluate
 from lightrnn.vocab import Vocabulary
+from pipeline.models import load_model_uri
 
 KINDS = ("lightrnn", "full", "adaptive")
 
@@ -161,7 +162,7 @@ def test_load_from_an_fsspec_uri(tmp_path, ptb_small) -> None:
 
 def test_pyfunc_model_scores_through_mlflow(tmp_path, ptb_small, monkeypatch) -> None:
     mlflow = pytest.importorskip("mlflow")
-    from lightrnn.mlflow_model import log_pyfunc_model
+    from pipeline.mlflow_model import log_pyfunc_model
 
     vocab, _ = ptb_small
     model = make(vocab)
@@ -212,3 +213,12 @@ def test_score_and_generate_commands(tmp_path, ptb_small, ptb_dir, capsys) -> No
     assert generate.main(["--model", str(tmp_path / "m"), "--prompt", "the", "--top-k", "5", "--words", "4"]) == 0
     assert score.main(["--model", str(tmp_path / "nothing"), "--input", str(text)]) == 1
     assert "holds no saved model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "ppl"), [("lightrnn", 32.34195651068286), ("full", 30.26495501557823)])
+def test_an_export_written_by_an_earlier_version_still_loads(kind: str, ppl: float) -> None:
+    """tests/data/export-v1 was written before the word table left the model's state dict."""
+    model, vocab = load_model(Path(__file__).parent / "data" / "export-v1" / kind)
+    stream = np.random.default_rng(0).integers(0, 30, 200)
+    assert len(vocab) == 30 and model.config.kind == kind
+    assert evaluate(model, stream, vocab.eos_id, 4, 7).ppl == pytest.approx(ppl, rel=1e-9)  # as when written

@@ -10,17 +10,14 @@ from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig
 from lightrnn.corpus import count_words, encode_file
 from lightrnn.infer import (
-    column_log_probs,
     generate,
-    row_log_probs,
     sample_next_words,
     score_lines,
     sentence_log_probs,
-    token_log_probs,
     topk_next_words,
 )
 from lightrnn.model import LightRNN, build_model
-from lightrnn.train import evaluate
+from lightrnn.train import evaluate, score_stream
 from lightrnn.vocab import Vocabulary
 
 
@@ -96,9 +93,9 @@ def test_row_and_column_parts_add_up_to_the_word_log_prob() -> None:
     model = peaked_lightrnn(37, 4)
     tokens = torch.randint(0, 37, (2, 3), generator=torch.Generator().manual_seed(4))
     full, _ = model.next_word_log_probs(tokens)
-    row_logp, state = row_log_probs(model, tokens)
+    row_logp, state = model.row_log_probs(tokens)
     rows = model.row_of.long().unsqueeze(0).expand(2, -1)  # every word's row, for both contexts
-    col_logp = column_log_probs(model, state, rows)  # (2, V, C)
+    col_logp = model.column_log_probs(state, rows)  # (2, V, C)
     word_logp = (
         row_logp.gather(1, rows) + col_logp.gather(2, model.col_of.long().view(1, -1, 1).expand(2, -1, 1))[..., 0]
     )
@@ -163,7 +160,7 @@ def test_score_equals_evaluate_perplexity(ptb_dir, ptb_small, kind: str, batch_s
 def test_per_token_scores_match_the_next_word_distribution(ptb_small) -> None:
     vocab, stream = ptb_small
     model = build_model(ModelConfig(len(vocab), "lightrnn", 8, 8, 1)).eval()
-    logp = token_log_probs(model, stream[:20], vocab.eos_id, batch_size=1, bptt=7)
+    logp = score_stream(model, stream[:20], vocab.eos_id, batch_size=1, bptt=7)
     context = torch.tensor([[vocab.eos_id, *stream[:11].tolist()]])
     dist, _ = model.next_word_log_probs(context)
     assert logp[11] == pytest.approx(float(dist.detach()[0, stream[11]]), abs=1e-5)

@@ -50,7 +50,9 @@ def test_log_prob_is_row_log_prob_plus_column_log_prob() -> None:
     log_probs, _state = model.next_word_log_probs(tokens)
     # recompute by hand: row softmax from the last state, column softmax after reading the row
     occupied = torch.from_numpy(model.allocation().occupied())
-    _, (h, c) = model.core.lstm(model._interleave(tokens))
+    # the interleaved input r(x1), c(x1), r(x2), c(x2), ... built by hand
+    rows, cols = model.row_embed(model.row_of[tokens]), model.col_embed(model.col_of[tokens])
+    _, (h, c) = model.core.lstm(torch.stack((rows, cols), dim=2).flatten(1, 2))
     for w in range(vocab):
         r, col = int(model.row_of[w]), int(model.col_of[w])
         row_lp = F.log_softmax(model.row_head(h[-1]), -1)[:, r]

@@ -116,6 +116,9 @@ def test_finished_run_is_tracked_in_mlflow(resumed: dict) -> None:
     mlflow.set_tracking_uri(summary["tracking_uri"])  # logged models resolve through the global URI
     client = MlflowClient(summary["tracking_uri"])
     experiment = client.get_experiment_by_name("lightrnn")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a training experiment
+    # the printed link opens the experiment's runs in the UI's training view
+    assert summary["mlflow_ui"].endswith(f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [p.info.run_id for p in parents] == [summary["mlflow_run_id"]]  # the re-run reused the parent

@@ -27,7 +27,8 @@ from lightrnn.corpus import encode_file
 from lightrnn.vocab import Vocabulary, VocabularyError
 from pipeline import storage
 from pipeline.dataset import DatasetError, open_dataset
-from pipeline.prepare import PAUSE_BEFORE_COMMIT_ENV, PrepareConfig, prepare
+from pipeline.prepare import prepare
+from pipeline.runconfig import DataConfig
 from pipeline.synth import write_corpus
 from pipeline.textio import CorpusError
 
@@ -46,14 +47,13 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def ptb_prepared(ptb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     out = str(tmp_path_factory.mktemp("ptb") / "prepared")
-    config = PrepareConfig(
+    config = DataConfig(
         train=str(ptb_dir / "ptb.train.txt.xz"),
         valid=str(ptb_dir / "ptb.valid.txt"),
         test=str(ptb_dir / "ptb.test.txt"),
-        output=out,
         block_len=4096,
     )
-    return out, prepare(config)
+    return out, prepare(config, out)
 
 
 def test_ptb_counts_and_exact_streams(ptb_dir: Path, ptb_prepared: tuple[str, dict]) -> None:
@@ -74,17 +74,16 @@ def test_ptb_counts_and_exact_streams(ptb_dir: Path, ptb_prepared: tuple[str, di
 
 def test_ptb_rerun_is_a_noop_and_other_config_is_refused(ptb_dir: Path, ptb_prepared: tuple[str, dict]) -> None:
     out, manifest = ptb_prepared
-    same = PrepareConfig(
+    same = DataConfig(
         train=str(ptb_dir / "ptb.train.txt.xz"),
         valid=str(ptb_dir / "ptb.valid.txt"),
         test=str(ptb_dir / "ptb.test.txt"),
-        output=out,
         block_len=4096,
     )
-    again = prepare(same)
+    again = prepare(same, out)
     assert again["skipped"] and again["run_id"] == manifest["run_id"]
     with pytest.raises(storage.DatasetExistsError, match="different configuration.*min_count"):
-        prepare(PrepareConfig(train=same.train, output=out, block_len=4096, min_count=2))
+        prepare(DataConfig(train=same.train, block_len=4096, min_count=2), out)
     assert open_dataset(out).manifest["run_id"] == manifest["run_id"]  # untouched
 
 
@@ -108,7 +107,7 @@ def test_blocks_straddling_compressed_files_match_single_process(tmp_path: Path)
         lines = [" ".join(rng.choice(words, size=rng.integers(0, 6))) for _ in range(n_lines)]
         _write(corpus / name, "".join(line + "\n" for line in lines))
     out = str(tmp_path / "out")
-    manifest = prepare(PrepareConfig(train=str(corpus), output=out, block_len=7, lower=True, min_count=2))
+    manifest = prepare(DataConfig(train=str(corpus), block_len=7, lower=True, min_count=2), out)
     data = open_dataset(out)
     vocab = data.vocab()
     assert "The" not in vocab and "the" in vocab  # lower-cased
@@ -120,7 +119,7 @@ def test_blocks_straddling_compressed_files_match_single_process(tmp_path: Path)
 
 def test_missing_input(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="not found: .*nope.txt"):
-        prepare(PrepareConfig(train=str(tmp_path / "nope.txt"), output=str(tmp_path / "out")))
+        prepare(DataConfig(train=str(tmp_path / "nope.txt")), str(tmp_path / "out"))
     assert not storage.exists(str(tmp_path / "out"))
 
 
@@ -128,7 +127,7 @@ def test_empty_corpus_leaves_no_dataset(tmp_path: Path) -> None:
     empty = _write(tmp_path / "empty.txt", "")
     out = str(tmp_path / "out")
     with pytest.raises(CorpusError, match="train corpus .*empty"):
-        prepare(PrepareConfig(train=str(empty), output=out))
+        prepare(DataConfig(train=str(empty)), out)
     with pytest.raises(storage.DatasetNotCommittedError):
         open_dataset(out)
 
@@ -137,7 +136,7 @@ def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.txt.gz"
     bad.write_bytes(gzip.compress(b"fine line\nstill fine\nbroken \xff\xfe here\n"))
     with pytest.raises(CorpusError, match=r"bad\.txt\.gz: line 3 is not valid UTF-8"):
-        prepare(PrepareConfig(train=str(bad), output=str(tmp_path / "out")))
+        prepare(DataConfig(train=str(bad)), str(tmp_path / "out"))
     with pytest.raises(storage.DatasetNotCommittedError):
         open_dataset(str(tmp_path / "out"))
 
@@ -148,7 +147,7 @@ def test_output_holding_foreign_files_is_refused(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": [1, 2, 3]}), out / "part-0.parquet")
     corpus = _write(tmp_path / "c.txt", "a b c\n")
     with pytest.raises(storage.StorageError, match=r"not empty and holds no dataset manifest.*part-0\.parquet"):
-        prepare(PrepareConfig(train=str(corpus), output=str(out)))
+        prepare(DataConfig(train=str(corpus)), str(out))
     assert (out / "part-0.parquet").exists()  # nothing of the user's was deleted
     with pytest.raises(storage.DatasetNotCommittedError, match="did not finish"):
         open_dataset(str(out))
@@ -157,7 +156,7 @@ def test_output_holding_foreign_files_is_refused(tmp_path: Path) -> None:
 def test_foreign_or_corrupt_files_in_a_committed_dataset(tmp_path: Path) -> None:
     corpus = _write(tmp_path / "c.txt", "a b c\nb c\n")
     out = tmp_path / "out"
-    manifest = prepare(PrepareConfig(train=str(corpus), output=str(out), block_len=2))
+    manifest = prepare(DataConfig(train=str(corpus), block_len=2), str(out))
     shard = out / manifest["splits"]["train"]["shards"][0]
     pq.write_table(pa.table({"x": [1, 2, 3]}), shard)  # someone else's Parquet in its place
     with pytest.raises(DatasetError, match="not a token-block shard"):
@@ -170,13 +169,28 @@ def test_foreign_or_corrupt_files_in_a_committed_dataset(tmp_path: Path) -> None
         open_dataset(str(out)).vocab()
 
 
+# jobs.prepare, held just before its commit: the manifest write waits, so the test can kill it there
+PAUSED_PREPARE = """
+import sys, time
+from pipeline import storage
+from jobs import prepare
+
+def paused(*args, **kwargs):
+    print("pausing before the commit", flush=True)
+    time.sleep(120)
+
+storage.write_manifest = paused
+sys.exit(prepare.main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_is_never_read_and_rerun_completes(ptb_dir: Path, tmp_path: Path) -> None:
     """SIGKILL the job just before its commit; no reader accepts the output; a re-run finishes."""
     out = tmp_path / "out"
     argv = ["--train", str(ptb_dir / "ptb.valid.txt"), "--test", str(ptb_dir / "ptb.test.txt"), "--output", str(out)]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, PAUSE_BEFORE_COMMIT_ENV: "120"}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.prepare", *argv],
+        [sys.executable, "-c", PAUSED_PREPARE, *argv],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -216,7 +230,7 @@ def test_killed_run_is_never_read_and_rerun_completes(ptb_dir: Path, tmp_path: P
 def test_synthetic_zipf_corpus_has_exactly_the_asked_vocabulary(tmp_path: Path) -> None:
     uris = write_corpus(str(tmp_path / "zipf"), vocab=500, tokens=6000, files=3, compress=True)
     assert [Path(u).name for u in uris] == ["part-00000.txt.gz", "part-00001.txt.gz", "part-00002.txt.gz"]
-    manifest = prepare(PrepareConfig(train=str(tmp_path / "zipf"), output=str(tmp_path / "out")))
+    manifest = prepare(DataConfig(train=str(tmp_path / "zipf")), str(tmp_path / "out"))
     assert manifest["vocab"]["size"] == 500 + 2  # every word once at least, plus <unk> and <eos>
     lines = manifest["splits"]["train"]["lines"]
     assert manifest["splits"]["train"]["tokens"] == 6000 + lines
@@ -228,4 +242,4 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytes
     assert prepare_job.main(["--train", str(tmp_path / "none.txt"), "--output", str(tmp_path / "o")]) == 1
     assert "error: corpus input not found" in capsys.readouterr().err
     assert prepare_job.main(["--train", "x", "--output", str(tmp_path / "o"), "--block-len", "0"]) == 2
-    assert "block_len must be >= 1" in capsys.readouterr().err
+    assert "block_len must be >= 2" in capsys.readouterr().err

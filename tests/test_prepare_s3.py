@@ -16,7 +16,8 @@ from moto.server import ThreadedMotoServer
 from lightrnn.corpus import encode_file
 from pipeline import storage
 from pipeline.dataset import open_dataset
-from pipeline.prepare import PrepareConfig, prepare
+from pipeline.prepare import prepare
+from pipeline.runconfig import DataConfig
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -61,14 +62,8 @@ def test_prepare_reads_and_writes_s3(endpoint: str, ptb_dir: Path, monkeypatch: 
     s3.upload_file(str(ptb_dir / "ptb.test.txt"), "corpus", "ptb/train/part-1.txt")
     s3.upload_file(str(ptb_dir / "ptb.test.txt"), "corpus", "ptb/test.txt")
     options = {"endpoint_url": endpoint}
-    config = PrepareConfig(
-        train="s3://corpus/ptb/train/",
-        test="s3://corpus/ptb/test.txt",
-        output="s3://runs/ptb/prepared",
-        block_len=1000,
-        storage_options=options,
-    )
-    manifest = prepare(config)
+    config = DataConfig(train="s3://corpus/ptb/train/", test="s3://corpus/ptb/test.txt", block_len=1000)
+    manifest = prepare(config, "s3://runs/ptb/prepared", options)
     assert manifest["splits"]["train"]["tokens"] == 73_760 + 82_430
     assert len(manifest["splits"]["train"]["files"]) == 2
 
@@ -85,7 +80,7 @@ def test_prepare_reads_and_writes_s3(endpoint: str, ptb_dir: Path, monkeypatch: 
     rows = data.ray_dataset("train").count()  # Ray Data reads the shards from S3 too
     assert rows == manifest["splits"]["train"]["blocks"]
 
-    assert prepare(config)["skipped"]  # committed: a re-run does nothing
+    assert prepare(config, "s3://runs/ptb/prepared", options)["skipped"]  # committed: a re-run does nothing
 
     # endpoint from the standard environment variable, no explicit options
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -103,7 +98,7 @@ def test_uncommitted_s3_output_is_refused_then_completed(endpoint: str, ptb_dir:
     options = {"endpoint_url": endpoint}
     with pytest.raises(storage.DatasetNotCommittedError, match="did not finish"):
         open_dataset("s3://half/out", options)
-    prepare(PrepareConfig(train="s3://half/in/test.txt", output="s3://half/out", storage_options=options))
+    prepare(DataConfig(train="s3://half/in/test.txt"), "s3://half/out", options)
     data = open_dataset("s3://half/out", options)
     np.testing.assert_array_equal(data.tokens("train"), encode_file(ptb_dir / "ptb.test.txt", data.vocab()))
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="half", Prefix="out/shards/")["Contents"]}

@@ -29,13 +29,17 @@ from jobs.configs import get_preset
 from lightrnn.allocation import Allocation
 from lightrnn.config import TrainConfig
 from lightrnn.model import build_model
+from pipeline.checkpoint import STATE_FILE
 from pipeline.dataset import open_dataset
-from pipeline.prepare import PrepareConfig, prepare
+from pipeline.prepare import prepare
+from pipeline.runconfig import DataConfig
 from pipeline.train import DistConfig, RunExistsError, run_training
-from pipeline.train_loop import STATE_FILE
+from pipeline.train_loop import train_loop_per_worker
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = get_preset("tiny")  # 1-layer 32-unit LightRNN, dropout 0
+TINY = get_preset("tiny")
+# Ray workers cannot import this test module: send the worker loops defined here by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # 1-layer 32-unit LightRNN, dropout 0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,17 +54,13 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def data(ptb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("ptb-small") / "prepared")
-    prepare(
-        PrepareConfig(
-            train=str(ptb_dir / "ptb.valid.txt"), valid=str(ptb_dir / "ptb.test.txt"), output=out, block_len=2000
-        )
-    )
+    prepare(DataConfig(train=str(ptb_dir / "ptb.valid.txt"), valid=str(ptb_dir / "ptb.test.txt"), block_len=2000), out)
     return out
 
 
-def _train(data: str, output: Path, name: str, train: TrainConfig, **dist: object) -> dict:
+def _train(data: str, output: Path, name: str, train: TrainConfig, loop=train_loop_per_worker, **dist: object) -> dict:
     job = DistConfig(data=data, output=str(output), name=name, **dist)  # type: ignore[arg-type]
-    return run_training(TINY.model, train, job)
+    return run_training(TINY.model, train, job, worker_loop=loop)
 
 
 def _state(summary: dict) -> dict[str, torch.Tensor]:
@@ -98,9 +98,33 @@ def test_one_step_two_workers_equals_one_worker_on_the_same_global_batch(data: s
     assert len(moved) >= 3, moved
 
 
+def loop_losing_a_worker_at_step_8(config: dict) -> None:
+    """The worker loop, but the last rank's process dies before its 8th step (unless restored).
+
+    It first lets Train commit the checkpoints reported so far, so the restart point is fixed.
+    """
+    import pipeline.train_loop as loop
+
+    ctx = ray.train.get_context()
+    doomed = ctx.get_world_rank() == ctx.get_world_size() - 1 and ray.train.get_checkpoint() is None
+    original, steps = loop.train_step, [0]
+
+    def train_step(*args: object, **kwargs: object) -> object:
+        steps[0] += 1
+        if doomed and steps[0] == 8:
+            ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
+            os._exit(1)  # a lost worker, as a crash or preemption would leave it
+        return original(*args, **kwargs)
+
+    loop.train_step = train_step
+    loop.train_loop_per_worker(config)
+
+
 def test_killed_worker_is_restarted_from_the_last_checkpoint(data: str, tmp_path: Path) -> None:
     train = dataclasses.replace(TINY.train, batch_size=4, max_steps=20)
-    summary = _train(data, tmp_path, "fail", train, workers=2, checkpoint_every=5, test_fail_at_step=8, max_failures=1)
+    summary = _train(
+        data, tmp_path, "fail", train, loop_losing_a_worker_at_step_8, workers=2, checkpoint_every=5, max_failures=1
+    )
     assert summary["steps"] == 20
     assert summary["start_step"] == 5  # restored from the step-5 checkpoint, not from step 0
 

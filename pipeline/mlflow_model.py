@@ -6,9 +6,9 @@
     #    log_prob  tokens    ppl      one row per sentence, each scored on its own
 
 The export folder (see `lightrnn.export`) is the model's one artifact, so the logged
-model is also a plain export: `lightrnn.export.load_model_uri(uri)` opens it. The
-`lightrnn` package travels with the model as code, so loading needs only torch,
-numpy, pyarrow and pandas.
+model is also a plain export: `pipeline.models.load_model_uri(uri)` opens it. The
+`lightrnn` package and this module travel with the model as code, so loading needs
+only mlflow, torch, numpy, pyarrow and pandas.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from lightrnn.export import load_model, verify_export
 from lightrnn.infer import sentence_log_probs
 
 EXPORT_ARTIFACT = "export"
+# the model code: the lightrnn package and this one (the pickled scorer is pipeline.mlflow_model.SentenceScorer;
+# loading imports only this module of it)
+CODE_PATHS = [str(Path(__file__).resolve().parents[1] / name) for name in ("lightrnn", "pipeline")]
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "text")]),
     outputs=Schema([ColSpec("double", "log_prob"), ColSpec("long", "tokens"), ColSpec("double", "ppl")]),
@@ -64,7 +67,7 @@ def log_pyfunc_model(export_dir: str | os.PathLike[str], name: str = "model") ->
         name=name,
         python_model=SentenceScorer(),
         artifacts={EXPORT_ARTIFACT: str(Path(export_dir).resolve())},
-        code_paths=[str(Path(__file__).resolve().parent)],  # the lightrnn package, for loading elsewhere
+        code_paths=CODE_PATHS,  # for loading where this project is not installed
         signature=SIGNATURE,
         pip_requirements=_requirements(),  # explicit: inferring them loads the model in a subprocess
     )
