@@ -1,75 +1,109 @@
-"""Tokens per second of the whole prepare stage on a synthetic Zipf corpus, 1 vs 2 Ray CPUs.
+"""Tokens per second of the whole prepare stage on a synthetic Zipf corpus, side by side for several Ray CPU counts.
 
-Each setting gets a fresh local Ray (started outside the timing) and a fresh output;
-the time is `pipeline.prepare.prepare` end to end: both passes, vocabulary, shards, manifest.
+The corpus is written once (`pipeline.synth`); then each CPU count runs the stage in a
+fresh process with a fresh local Ray of that many CPUs, so its driver's peak memory is its
+own. Ray's start-up is outside the clock, and so is the first import of the stage's code
+in each worker process (one task per CPU before the clock starts): what is timed is the
+stage end to end (plan, count, vocabulary, encode, write, manifest), with its phases. The
+peaks are the driver's and the largest worker task's resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
-import time
 
 import ray
 
-from pipeline.prepare import prepare
-from pipeline.runconfig import DataConfig
-from pipeline.synth import write_corpus
+from pipeline.synth import FORMATS, write_corpus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab", type=int, default=100_000, help="distinct words in the synthetic corpus")
-    parser.add_argument(
-        "--tokens", type=int, default=16_000_000, help="tokens (without <eos>); fixed costs hide scaling below ~10M"
-    )
-    parser.add_argument("--files", type=int, default=8, help="corpus files (the unit of parallelism)")
+    parser.add_argument("--format", choices=FORMATS, default="parquet", help="corpus files: text or Parquet")
+    parser.add_argument("--distinct", type=int, default=200_000, help="distinct words in the corpus")
+    parser.add_argument("--vocab", type=int, default=0, help="--max-vocab of the stage (0: keep every word)")
+    parser.add_argument("--tokens", type=int, default=16_000_000, help="tokens (without <eos>)")
+    parser.add_argument("--files", type=int, default=8, help="corpus files")
     parser.add_argument("--cpus", default="1,2", help="Ray CPU counts to compare, comma-separated")
     parser.add_argument("--block-len", type=int, default=8192)
+    parser.add_argument("--unit-mb", type=int, default=64, help="MB of uncompressed text per task")
+    parser.add_argument("--corpus", help="an existing corpus folder to read instead of writing one")
 
 
-def _init(num_cpus: int) -> None:
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+def measure(corpus: str, out: str, cpus: int, max_vocab: int, block_len: int, unit_mb: int) -> dict:
+    """The stage once, in this process, on a fresh local Ray of `cpus` CPUs (see the module docstring)."""
+    from pipeline.prepare import prepare
+    from pipeline.runconfig import DataConfig
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.get([_warm_up.remote() for _ in range(cpus)])
+    try:
+        return prepare(DataConfig(train=corpus, max_vocab=max_vocab, block_len=block_len), out, unit_mb=unit_mb)
+    finally:
+        ray.shutdown()
+
+
+@ray.remote
+def _warm_up() -> None:
+    import pipeline.prepare  # noqa: F401  (what every task of the stage imports)
+
+
+def _prepare(corpus: str, out: str, cpus: int, args: argparse.Namespace) -> dict:
+    call = f"measure({corpus!r}, {out!r}, {cpus}, {args.vocab}, {args.block_len}, {args.unit_mb})"
+    script = f"import json; from jobs.bench_ingest import measure; print(json.dumps({call}))"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"the stage with {cpus} CPU(s) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run(args: argparse.Namespace) -> dict:
     cpus = [int(c) for c in args.cpus.split(",")]
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        corpus = os.path.join(tmp, "corpus")
-        _init(max(cpus))
-        write_corpus(corpus, args.vocab, args.tokens, args.files)
-        ray.shutdown()
-        for n in cpus:
-            _init(n)
-            t0 = time.perf_counter()
-            manifest = prepare(DataConfig(train=corpus, block_len=args.block_len), os.path.join(tmp, f"out-{n}"))
-            seconds = time.perf_counter() - t0
+        corpus = args.corpus
+        if not corpus:
+            corpus = os.path.join(tmp, "corpus")
+            ray.init(address="local", num_cpus=max(cpus), include_dashboard=False, log_to_driver=False)
+            write_corpus(corpus, args.distinct, args.tokens, args.files, fmt=args.format)
             ray.shutdown()
-            tokens = manifest["splits"]["train"]["tokens"]
-            results[n] = {
-                "seconds": seconds,
-                "tokens": tokens,
-                "vocab": manifest["vocab"]["size"],
-                "phases": manifest["phase_seconds"],
-            }
+        for n in cpus:
+            results[n] = _prepare(corpus, os.path.join(tmp, f"out-{n}"), n, args)
     base = results[cpus[0]]["seconds"]
-    print(f"corpus: {args.tokens:,} tokens (+<eos>), {args.vocab:,} words, {args.files} files")
-    print(f"{'ray cpus':>8}{'seconds':>10}{'tokens/s':>14}{'speedup':>9}   count / vocab / encode s")
+    first = results[cpus[0]]
+    print(
+        f"corpus: {first['splits']['train']['tokens']:,} tokens with <eos>, {args.distinct:,} distinct words, "
+        f"{args.files} {args.format} files; vocabulary {first['vocab']['size']:,}"
+    )
+    print(
+        f"{'ray cpus':>8}{'seconds':>9}{'tokens/s':>13}{'per cpu':>12}{'speedup':>9}   plan / count / vocab / encode s"
+        f"   peak MB driver / worker"
+    )
     for n, r in results.items():
-        p = r["phases"]
+        p, rate = r["phase_seconds"], r["splits"]["train"]["tokens"] / r["seconds"]
         print(
-            f"{n:>8}{r['seconds']:>10.2f}{r['tokens'] / r['seconds']:>14,.0f}{base / r['seconds']:>9.2f}"
-            f"   {p['count']:.2f} / {p['vocab']:.2f} / {p['encode']:.2f}"
+            f"{n:>8}{r['seconds']:>9.2f}{rate:>13,.0f}{rate / n:>12,.0f}{base / r['seconds']:>9.2f}"
+            f"   {p['plan']:.1f} / {p['count']:.1f} / {p['vocab']:.1f} / {p['encode']:.1f}"
+            f"   {r['peak_rss_mb']['driver']:,.0f} / {r['peak_rss_mb']['worker']:,.0f}"
         )
     return {
         "benchmark": "ingest",
-        "vocab_words": args.vocab,
+        "format": args.format,
+        "vocab_words": args.distinct,
+        "max_vocab": args.vocab,
         "files": args.files,
-        "tokens": results[cpus[0]]["tokens"],
-        "vocab_size": results[cpus[0]]["vocab"],
+        "tokens": first["splits"]["train"]["tokens"],
+        "vocab_size": first["vocab"]["size"],
         **{f"seconds_{n}cpu": round(r["seconds"], 3) for n, r in results.items()},
-        **{f"tokens_per_s_{n}cpu": round(r["tokens"] / r["seconds"]) for n, r in results.items()},
-        **{f"phase_seconds_{n}cpu": r["phases"] for n, r in results.items()},
+        **{f"tokens_per_s_{n}cpu": round(r["splits"]["train"]["tokens"] / r["seconds"]) for n, r in results.items()},
+        **{f"phase_seconds_{n}cpu": r["phase_seconds"] for n, r in results.items()},
+        **{f"driver_peak_rss_mb_{n}cpu": r["peak_rss_mb"]["driver"] for n, r in results.items()},
+        **{f"worker_peak_rss_mb_{n}cpu": r["peak_rss_mb"]["worker"] for n, r in results.items()},
     }

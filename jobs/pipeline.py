@@ -19,8 +19,8 @@ import sys
 
 from jobs.configs import PRESETS, get_preset
 from pipeline.orchestrate import PipelineOptions, run_pipeline
+from pipeline.sources import CorpusError
 from pipeline.storage import StorageError
-from pipeline.textio import CorpusError
 
 
 def build_parser() -> argparse.ArgumentParser:

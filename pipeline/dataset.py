@@ -54,7 +54,21 @@ class TokenDataset:
             raise KeyError(f"{self.root} has no split {split!r}; it has {', '.join(self.splits)}")
         return [storage.join(self.root, s) for s in self.manifest["splits"][split]["shards"]]
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab"]["size"])
+
+    def vocab_counts(self) -> np.ndarray:
+        """(V,) int64 training count of every word id, without reading the words themselves."""
+        uri = storage.join(self.root, self.manifest["vocab"]["path"])
+        with storage.open(uri, "rb", self.storage_options) as f:
+            counts = pq.read_table(f, columns=["count"]).column("count").to_numpy()
+        if counts.shape[0] != self.vocab_size:
+            raise DatasetError(f"{self.root}: vocabulary has {counts.shape[0]} words, manifest says {self.vocab_size}")
+        return counts
+
     def vocab(self) -> Vocabulary:
+        """The whole vocabulary, words included (1-2 GB of Python objects at 10M words)."""
         with storage.open(storage.join(self.root, self.manifest["vocab"]["path"]), "rb", self.storage_options) as f:
             vocab = Vocabulary.load(f)
         if len(vocab) != self.manifest["vocab"]["size"]:

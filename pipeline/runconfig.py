@@ -21,7 +21,7 @@ MODEL_SECTIONS = ("data", "model", "train", "realloc")
 class DataConfig:
     """The corpus and how the prepare stage turns it into a dataset (`pipeline.prepare`)."""
 
-    train: str  # text or Parquet documents: a file, a folder or a glob; local, file:// or s3://
+    train: str  # text or Parquet documents (pipeline.sources): a file, a folder or a glob; local, file:// or s3://
     valid: str = ""  # encoded with the train vocabulary; "" = none
     test: str = ""
     lower: bool = False  # PTB is already lower-cased
@@ -30,6 +30,7 @@ class DataConfig:
     # tokens per Parquet row of the prepared dataset, the training unit (a BPTT walk carries the
     # LSTM state inside a block): 2,048 gives PTB 453 blocks, enough for 20-block batches on 2 workers
     block_len: int = 2048
+    text_column: str = "text"  # the column of document texts in Parquet input
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -40,6 +41,8 @@ class DataConfig:
             raise ValueError(f"data.max_vocab must be 0 (no limit) or >= 2, got {self.max_vocab}")
         if self.min_count < 1:
             raise ValueError(f"data.min_count must be >= 1, got {self.min_count}")
+        if not self.text_column:
+            raise ValueError("data.text_column must name the Parquet column of document texts")
         for uri in (self.train, self.valid, self.test):
             if uri.startswith("memory://"):
                 raise ValueError(f"{uri}: memory:// lives in one process; Ray workers cannot see it")

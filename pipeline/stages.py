@@ -110,14 +110,14 @@ class ExportOutput:
 def prepare_data(ctx: StageContext) -> tuple[DataOutput, Metrics]:
     """Vocabulary and Parquet token blocks (`pipeline.prepare`); a vocabulary summary to MLflow."""
     manifest = prepare(ctx.config.data, ctx.root.data)
-    vocab = open_dataset(ctx.root.data).vocab()
+    vocab = manifest["vocab"]
     metrics = {f"{s}_tokens": float(info["tokens"]) for s, info in manifest["splits"].items()}
-    metrics["vocab_size"] = float(len(vocab))
+    metrics["vocab_size"] = float(vocab["size"])
     summary = {
-        "vocab_size": len(vocab),
+        "vocab_size": vocab["size"],
         "tokens": {s: info["tokens"] for s, info in manifest["splits"].items()},
-        "top_words": [[w, int(c)] for w, c in zip(vocab.words[:50], vocab.counts[:50], strict=True)],
-        "words_seen_once": int((vocab.counts == 1).sum()),
+        "top_words": vocab.get("top_words", []),
+        "words_seen_once": vocab.get("words_seen_once"),
     }
     client, parent = ctx.tracker.client, ctx.tracker.parent_id
     client.log_dict(ctx.run_id, summary, "vocab_summary.json")
@@ -140,12 +140,12 @@ def train_phase(
 ) -> tuple[TrainOutput, Metrics]:
     """Phase `phase` on Ray Train: from `previous`'s checkpoint (None: fresh) with the table at `allocation`."""
     dataset = open_dataset(ctx.root.data)
-    vocab = dataset.vocab()
-    model_config = dataclasses.replace(ctx.config.model, vocab_size=len(vocab))
+    counts = dataset.vocab_counts() if allocation else None
+    model_config = dataclasses.replace(ctx.config.model, vocab_size=dataset.vocab_size)
     bounds, total = phase_plan(ctx, dataset)
     if allocation and phase == 0 and not storage.exists(allocation):
         with storage.atomic_write(allocation) as f:
-            initial_allocation(vocab.counts, ctx.config.realloc, ctx.config.train.seed).save(f)
+            initial_allocation(counts, ctx.config.realloc, ctx.config.train.seed).save(f)
     job = DistConfig(
         data=ctx.root.data,
         output=ctx.root.train_runs(),
@@ -179,7 +179,7 @@ def train_phase(
     if result.get("window_train_loss") is not None:
         metrics["train_loss"] = float(result["window_train_loss"])
     if allocation:
-        _log_allocation(ctx, phase, allocation, vocab.counts)
+        _log_allocation(ctx, phase, allocation, counts)
     _log_curves(ctx)
     return TrainOutput(result["checkpoint"], allocation), metrics
 

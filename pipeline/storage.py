@@ -121,6 +121,20 @@ def atomic_write(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
         fs.put_file(tmp, path)  # an S3 PUT or multipart upload is invisible until it completes
 
 
+@contextlib.contextmanager
+def atomic_local_path(uri: str, storage_options: Mapping[str, Any] | None = None, suffix: str = "") -> Iterator[str]:
+    """A local path to write `uri` to natively (e.g. Arrow's own file I/O), committed like `atomic_write`."""
+    fs, path = filesystem(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        with atomic_path(path, suffix) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="lightrnn-upload-") as tmp_dir:
+        tmp = os.path.join(tmp_dir, "part" + suffix)
+        yield tmp
+        fs.put_file(tmp, path)
+
+
 def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     with atomic_write(uri, storage_options) as f:
         f.write(data)

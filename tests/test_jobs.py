@@ -71,13 +71,13 @@ def test_readme_quickstart_runs_as_written() -> None:
 
 
 def test_bench_ingest_measures_one_and_two_cpus_side_by_side() -> None:
-    proc = run_job(
-        "jobs.bench", "ingest", "--tokens", "20000", "--vocab", "500", "--files", "2", "--cpus", "1,2", "--json"
-    )
-    result = last_json(proc)
-    assert result["vocab_size"] == 502  # 500 words + <unk> + <eos>
+    args = ["--tokens", "20000", "--distinct", "500", "--vocab", "100", "--files", "2", "--cpus", "1,2", "--json"]
+    result = last_json(run_job("jobs.bench", "ingest", *args))
+    assert result["vocab_size"] == 100 and result["format"] == "parquet"  # --vocab trims the 500 words
     assert result["tokens"] > 20_000  # the words plus one <eos> per line
-    assert result["tokens_per_s_1cpu"] > 0 and result["tokens_per_s_2cpu"] > 0
+    for n in (1, 2):
+        assert result[f"tokens_per_s_{n}cpu"] > 0 and set(result[f"phase_seconds_{n}cpu"]) >= {"count", "encode"}
+        assert 0 < result[f"driver_peak_rss_mb_{n}cpu"] < 2000 and 0 < result[f"worker_peak_rss_mb_{n}cpu"] < 2000
 
 
 def test_bench_realloc_reports_both_methods_against_the_dense_optimum() -> None:

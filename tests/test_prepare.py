@@ -23,14 +23,14 @@ import pytest
 import ray
 
 from jobs import prepare as prepare_job
-from lightrnn.corpus import encode_file
+from lightrnn.corpus import count_words, encode_file
 from lightrnn.vocab import Vocabulary, VocabularyError
 from pipeline import storage
 from pipeline.dataset import DatasetError, open_dataset
 from pipeline.prepare import prepare
 from pipeline.runconfig import DataConfig
+from pipeline.sources import CorpusError
 from pipeline.synth import write_corpus
-from pipeline.textio import CorpusError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,7 @@ def test_ptb_counts_and_exact_streams(ptb_dir: Path, ptb_prepared: tuple[str, di
     data = open_dataset(out)
     vocab = data.vocab()
     assert len(vocab) == 10_000
+    assert vocab == Vocabulary.build(count_words([ptb_dir / "ptb.train.txt.xz"]))  # ids as one process gives them
     files = {"train": "ptb.train.txt.xz", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
     for split, name in files.items():
         stream = data.tokens(split)
@@ -228,7 +229,7 @@ def test_killed_run_is_never_read_and_rerun_completes(ptb_dir: Path, tmp_path: P
 
 
 def test_synthetic_zipf_corpus_has_exactly_the_asked_vocabulary(tmp_path: Path) -> None:
-    uris = write_corpus(str(tmp_path / "zipf"), vocab=500, tokens=6000, files=3, compress=True)
+    uris = write_corpus(str(tmp_path / "zipf"), distinct=500, tokens=6000, files=3, compress=True)
     assert [Path(u).name for u in uris] == ["part-00000.txt.gz", "part-00001.txt.gz", "part-00002.txt.gz"]
     manifest = prepare(DataConfig(train=str(tmp_path / "zipf")), str(tmp_path / "out"))
     assert manifest["vocab"]["size"] == 500 + 2  # every word once at least, plus <unk> and <eos>
@@ -243,3 +244,88 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytes
     assert "error: corpus input not found" in capsys.readouterr().err
     assert prepare_job.main(["--train", "x", "--output", str(tmp_path / "o"), "--block-len", "0"]) == 2
     assert "block_len must be >= 2" in capsys.readouterr().err
+
+
+def test_wikitext2_counts_and_ids_as_one_process_gives_them(tmp_path: Path) -> None:
+    train = REPO / "data" / "wikitext2" / "train.txt.xz"
+    manifest = prepare(DataConfig(train=str(train), block_len=8192), str(tmp_path / "wt2"))
+    assert manifest["splits"]["train"]["tokens"] == 2_088_628 and manifest["vocab"]["size"] == 33_278
+    data = open_dataset(str(tmp_path / "wt2"))
+    assert data.vocab() == Vocabulary.build(count_words([train]))  # non-ASCII text: the Arrow kernels
+    np.testing.assert_array_equal(data.tokens("train"), encode_file(train, data.vocab()))
+
+
+def _documents(rng: np.random.Generator, n: int) -> list[str]:
+    words = ["the", "cat", "Sat", "on", "a", "mat", "é", "naïve", "x" * 12]
+    return [
+        "\n".join(" ".join(rng.choice(words, rng.integers(0, 7))) for _ in range(rng.integers(1, 5))) for _ in range(n)
+    ]
+
+
+def test_parquet_documents_give_the_same_dataset_as_the_same_text(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "txt").mkdir()
+    for i in range(3):
+        docs = _documents(rng, 40)
+        pq.write_table(pa.table({"id": range(40), "body": docs}), tmp_path / "pq" / f"d{i}.parquet", row_group_size=7)
+        # the same documents as text: each read as a file of its own, so a line end closes its last line
+        (tmp_path / "txt" / f"d{i}.txt").write_text("".join(d if d.endswith("\n") else d + "\n" for d in docs if d))
+    config = dict(block_len=9, max_vocab=8, lower=True)  # 9 distinct words: max_vocab trims
+    from_parquet = prepare(DataConfig(train=str(tmp_path / "pq"), text_column="body", **config), str(tmp_path / "a"))
+    prepare(DataConfig(train=str(tmp_path / "txt"), **config), str(tmp_path / "b"))
+    a, b = open_dataset(str(tmp_path / "a")), open_dataset(str(tmp_path / "b"))
+    assert a.vocab() == b.vocab() and len(a.vocab()) == 8
+    np.testing.assert_array_equal(a.tokens("train"), b.tokens("train"))
+    assert from_parquet["splits"]["train"]["units"] == 3 * 6  # one unit per row group: several tasks a file
+
+
+def test_a_large_text_file_is_split_into_tasks_that_give_the_same_dataset(ptb_dir: Path, tmp_path: Path) -> None:
+    big = tmp_path / "ptb.train.txt"
+    big.write_bytes(lzma.decompress((ptb_dir / "ptb.train.txt.xz").read_bytes()))  # 5.1 MB, one file
+    split = prepare(DataConfig(train=str(big), block_len=1000, max_vocab=5000), str(tmp_path / "a"), unit_mb=1)
+    whole = prepare(DataConfig(train=str(big), block_len=1000, max_vocab=5000), str(tmp_path / "b"), unit_mb=64)
+    assert split["splits"]["train"]["units"] == 5 and whole["splits"]["train"]["units"] == 1
+    a, b = open_dataset(str(tmp_path / "a")), open_dataset(str(tmp_path / "b"))
+    assert a.vocab() == b.vocab() == Vocabulary.build(count_words([big]), 5000)
+    np.testing.assert_array_equal(a.tokens("train"), b.tokens("train"))
+    assert any("edges" in s for s in split["splits"]["train"]["shards"])  # blocks span the units
+
+
+@pytest.mark.parametrize(("max_vocab", "min_count", "partitions"), [(300, 1, 3), (301, 2, 5), (0, 3, 2)])
+def test_counts_cut_by_partition_give_the_single_process_vocabulary(
+    tmp_path: Path, max_vocab: int, min_count: int, partitions: int
+) -> None:
+    write_corpus(str(tmp_path / "zipf"), distinct=2000, tokens=30_000, files=3)
+    files = sorted((tmp_path / "zipf").iterdir())
+    data = DataConfig(train=str(tmp_path / "zipf"), max_vocab=max_vocab, min_count=min_count, block_len=64)
+    manifest = prepare(data, str(tmp_path / "out"), partitions=partitions)
+    vocab = open_dataset(str(tmp_path / "out")).vocab()
+    expected = Vocabulary.build(count_words(files), max_vocab, min_count)
+    assert vocab == expected  # the same words, counts (<unk> included) and ids
+    assert manifest["vocab"]["distinct_words"] == 2002 and manifest["partitions"] == partitions
+
+
+def test_bad_parquet_input_is_named_and_nothing_is_committed(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    pq.write_table(pa.table({"body": ["a b"], "n": [1]}), tmp_path / "no-text.parquet")
+    with pytest.raises(CorpusError, match=r"no-text\.parquet has no column 'text' \(it has body, n\)"):
+        prepare(DataConfig(train=str(tmp_path / "no-text.parquet")), out)
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(CorpusError, match=r"ints\.parquet: column 'text' holds int64, not text"):
+        prepare(DataConfig(train=str(tmp_path / "ints.parquet")), out)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(CorpusError, match=r"broken\.parquet is not a readable Parquet file"):
+        prepare(DataConfig(train=str(tmp_path / "broken.parquet")), out)
+    with pytest.raises(CorpusError, match=r"matches no files"):
+        prepare(DataConfig(train=str(tmp_path / "*.nothing")), out)
+    with pytest.raises(storage.DatasetNotCommittedError):
+        open_dataset(out)
+
+
+def test_null_documents_are_skipped_and_counted(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": ["a b", None, "c", None, None]}), tmp_path / "docs.parquet")
+    manifest = prepare(DataConfig(train=str(tmp_path / "docs.parquet"), block_len=4), str(tmp_path / "out"))
+    assert manifest["splits"]["train"]["null_documents"] == 3
+    data = open_dataset(str(tmp_path / "out"))
+    assert data.vocab().decode(data.tokens("train")) == ["a", "b", "<eos>", "c", "<eos>"]

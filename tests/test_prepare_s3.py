@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from collections.abc import Iterator
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 from moto.server import ThreadedMotoServer
@@ -103,3 +106,23 @@ def test_uncommitted_s3_output_is_refused_then_completed(endpoint: str, ptb_dir:
     np.testing.assert_array_equal(data.tokens("train"), encode_file(ptb_dir / "ptb.test.txt", data.vocab()))
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="half", Prefix="out/shards/")["Contents"]}
     assert "out/shards/train-00000-deadbeef.parquet" not in keys  # the stale shard was cleared
+
+
+def test_parquet_documents_on_s3_by_glob(endpoint: str, ptb_dir: Path) -> None:
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="docs")
+    lines = (ptb_dir / "ptb.test.txt").read_text().splitlines()
+    docs = ["\n".join(lines[i : i + 10]) for i in range(0, len(lines), 10)]  # documents of 10 lines
+    for part, start in enumerate(range(0, len(docs), 150)):
+        body = io.BytesIO()
+        pq.write_table(pa.table({"text": docs[start : start + 150]}), body, row_group_size=40)
+        s3.put_object(Bucket="docs", Key=f"ptb/part-{part}.parquet", Body=body.getvalue())
+    s3.put_object(Bucket="docs", Key="ptb/README.txt", Body=b"not part of the glob")
+    options = {"endpoint_url": endpoint}
+    manifest = prepare(DataConfig(train="s3://docs/ptb/*.parquet", block_len=500), "s3://docs/out", options)
+    assert manifest["splits"]["train"]["tokens"] == 82_430  # the same lines as ptb.test.txt
+    assert manifest["splits"]["train"]["units"] == sum(
+        -(-len(docs[s : s + 150]) // 40) for s in range(0, len(docs), 150)
+    )
+    data = open_dataset("s3://docs/out", options)
+    np.testing.assert_array_equal(data.tokens("train"), encode_file(ptb_dir / "ptb.test.txt", data.vocab()))
