@@ -1,7 +1,7 @@
 """One comparison, one table: full softmax, adaptive softmax and LightRNN variants on the same data and LSTM.
 
 python -m jobs.compare --config ptb --epochs 2 --json
-python -m jobs.compare --config wikitext2 --budget-minutes 10 --parallel 2
+python -m jobs.compare --config ptb --budget-minutes 2
 
 Variants (same LSTM size, data, seed and schedule; only the output layer / word table differs):
 
@@ -11,9 +11,13 @@ Variants (same LSTM size, data, seed and schedule; only the output layer / word 
     lightrnn-frequency    LightRNN, fixed frequency-ordered table
     lightrnn-realloc      LightRNN, random table reallocated realloc.rounds times (2 if the config has 0)
 
---epochs gives every variant the same number of epochs. --budget-minutes gives every
-variant the same training time: a short probe measures each variant's words/s, and its
-step budget is set so that the learning-rate schedule ends when the time is up.
+--epochs gives every variant the same number of epochs: the controlled comparison, the same
+batches in the same order for every variant. --budget-minutes gives every variant the same
+training time instead (`jobs.time_budget`): each trains until M minutes of its clock are
+spent (--clock cpu, the default: its own CPU time, so that other jobs on the machine cost it
+steps, not seconds), its learning-rate schedule following the elapsed share of the budget;
+lightrnn-realloc's cost passes and solves are paid out of the same budget. The table shows
+every variant's steps, training seconds and reallocation seconds.
 
 Each variant trains in its own process (`jobs.train_local`; --parallel N at a time, one
 CPU thread each) and becomes a nested MLflow run under one parent, so the MLflow UI's
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from jobs.configs import PRESETS, RunConfig, get_preset
+from jobs.time_budget import CLOCKS
 from pipeline.tracking import ui_command
 
 VARIANTS = ("full", "adaptive", "lightrnn-random", "lightrnn-frequency", "lightrnn-realloc")
-PROBE_STEPS = 30
 
 
 def variant_overrides(name: str, config: RunConfig) -> list[str]:
@@ -51,9 +54,9 @@ def variant_overrides(name: str, config: RunConfig) -> list[str]:
     }[name]
 
 
-def _train(config: str, overrides: list[str], log_path: Path) -> dict[str, Any]:
+def _train(config: str, overrides: list[str], budget: list[str], log_path: Path) -> dict[str, Any]:
     """One `jobs.train_local` process; its JSON summary and its [train] lines (step, loss)."""
-    command = [sys.executable, "-m", "jobs.train_local", "--config", config, "--json"]
+    command = [sys.executable, "-m", "jobs.train_local", "--config", config, "--json", *budget]
     for item in overrides:
         command += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -71,13 +74,6 @@ def _train(config: str, overrides: list[str], log_path: Path) -> dict[str, Any]:
     return summary
 
 
-def _probe_words_per_s(config: str, variant: str, base: list[str], out: Path) -> float:
-    summary = _train(
-        config, [*base, f"train.max_steps={PROBE_STEPS}", "realloc.rounds=0"], out / f"probe-{variant}.log"
-    )
-    return float(summary["words_per_s"])
-
-
 def compare(
     config_name: str,
     variants: list[str],
@@ -86,6 +82,7 @@ def compare(
     budget_minutes: float | None,
     parallel: int,
     out: Path,
+    clock: str = "cpu",
 ) -> list[dict[str, Any]]:
     config = get_preset(config_name).with_overrides(overrides)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,39 +92,42 @@ def compare(
         if epochs is not None:
             plan += [f"train.epochs={epochs}", "train.max_steps=0"]
         plans[name] = plan
-    if budget_minutes is not None:
-        words_per_step = config.train.batch_size * config.train.bptt
-        # one probe at a time, so no variant's figure depends on which other probe it shared the CPU with;
-        # with --parallel N <= cores, each run then gets a core to itself, as its probe did
-        speeds = {name: _probe_words_per_s(config_name, name, plans[name], out) for name in plans}
-        for name, speed in speeds.items():
-            steps = max(PROBE_STEPS, math.floor(budget_minutes * 60 * speed / words_per_step))
-            plans[name].append(f"train.max_steps={steps}")
-            print(f"[budget] {name}: {speed:,.0f} words/s in the probe -> {steps:,} steps", flush=True)
+    budget = [] if budget_minutes is None else ["--budget-seconds", str(budget_minutes * 60), "--clock", clock]
     started = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
-        futures = {name: pool.submit(_train, config_name, plan, out / f"{name}.log") for name, plan in plans.items()}
+        futures = {
+            name: pool.submit(_train, config_name, plan, budget, out / f"{name}.log") for name, plan in plans.items()
+        }
         results = []
         for name, future in futures.items():
             summary = future.result()
             summary["variant"] = name
             results.append(summary)
-            print(f"[variant] {name}: test ppl {summary['test_ppl']:.2f}, valid {summary['valid_ppl']:.2f}", flush=True)
+            print(
+                f"[variant] {name}: test ppl {summary['test_ppl']:.2f}, valid {summary['valid_ppl']:.2f}; "
+                f"{summary['steps']:,} steps, {summary['train_seconds']:.1f}s training + "
+                f"{summary['realloc_seconds']:.1f}s reallocation ({summary['clock']} clock)",
+                flush=True,
+            )
     print(f"[compare] {len(results)} variants in {time.perf_counter() - started:.0f}s", flush=True)
     return results
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    """The comparison as Markdown; seconds are on each run's clock (CPU or wall, the last column)."""
     full = next((r["test_ppl"] for r in results if r["variant"] == "full"), None)
     lines = [
-        "| variant | parameters | embeddings + heads | words/s | valid ppl | test ppl | test ppl / full |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | parameters | embeddings + heads | steps | train s | realloc s | words/s | valid ppl | test ppl "
+        "| test ppl / full | clock |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         ratio = f"{r['test_ppl'] / full:.3f}" if full else "-"
+        realloc = f"{r['realloc_seconds']:.1f}" if r["realloc_rounds"] else "-"
         lines.append(
-            f"| {r['variant']} | {r['params']:,} | {r['embed_head_bytes'] / 1e6:.2f} MB | {r['words_per_s']:,.0f} | "
-            f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {ratio} |"
+            f"| {r['variant']} | {r['params']:,} | {r['embed_head_bytes'] / 1e6:.2f} MB | {r['steps']:,} | "
+            f"{r['train_seconds']:.1f} | {realloc} | {r['words_per_s']:,.0f} | {r['valid_ppl']:.2f} | "
+            f"{r['test_ppl']:.2f} | {ratio} | {r['clock']} |"
         )
     return "\n".join(lines)
 
@@ -144,7 +144,13 @@ def log_to_mlflow(
     exp = experiment_id(client, experiment, tracking_uri)
     budget = f"{args.budget_minutes}min" if args.budget_minutes is not None else f"{args.epochs}ep"
     parent = client.create_run(exp, run_name=f"compare-{config_name}-{budget}").info.run_id
-    for key, value in {"config": config_name, "epochs": args.epochs, "budget_minutes": args.budget_minutes}.items():
+    settings = {
+        "config": config_name,
+        "epochs": args.epochs,
+        "budget_minutes": args.budget_minutes,
+        "clock": args.clock,
+    }
+    for key, value in settings.items():
         client.log_param(parent, key, str(value))
     for item in args.set:
         key, _, value = item.partition("=")
@@ -155,7 +161,15 @@ def log_to_mlflow(
         client.log_param(run, "model.kind", r["model"])
         client.log_param(run, "steps", r["steps"])
         now = int(time.time() * 1000)
-        figures = ("valid_ppl", "test_ppl", "words_per_s", "params", "embed_head_bytes", "train_seconds")
+        figures = (
+            "valid_ppl",
+            "test_ppl",
+            "words_per_s",
+            "params",
+            "embed_head_bytes",
+            "train_seconds",
+            "realloc_seconds",
+        )
         metrics = [Metric(k, float(r[k]), now, 0) for k in figures]
         metrics += [Metric("train_loss", loss, now, step) for step, loss in r["curve"]]
         metrics += [Metric("phase_valid_ppl", v, now, i) for i, v in enumerate(r["valid_ppl_per_phase"])]
@@ -182,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, help="the same number of epochs for every variant")
     budget.add_argument("--budget-minutes", type=float, help="the same training time for every variant")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="--budget-minutes on CPU or wall time")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override for all")
     p.add_argument("--parallel", type=int, default=1, help="variants trained at once (one CPU thread each)")
@@ -201,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     out = Path(args.out or os.path.join("runs", f"compare-{args.config}"))
-    results = compare(args.config, variants, args.set, args.epochs, args.budget_minutes, args.parallel, out)
+    results = compare(args.config, variants, args.set, args.epochs, args.budget_minutes, args.parallel, out, args.clock)
     tracking_uri = args.tracking_uri or f"sqlite:///{out.resolve().parent / 'mlflow.db'}"
     parent = log_to_mlflow(results, args.config, args, tracking_uri, args.experiment)
     rows = [{k: v for k, v in r.items() if k != "curve"} for r in results]

@@ -3,6 +3,7 @@
 python -m jobs.train_local --config ptb                     # LightRNN on Penn Treebank
 python -m jobs.train_local --config ptb --model full        # full-softmax baseline, same budget
 python -m jobs.train_local --config tiny --set train.max_steps=10 --json
+python -m jobs.train_local --config ptb --budget-seconds 120   # 2 CPU minutes, whatever the step count
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import torch
 
 from jobs.configs import PRESETS, RunConfig, get_preset
+from jobs.time_budget import CLOCKS, train_for_time
 from lightrnn.config import MODEL_KINDS
 from lightrnn.corpus import count_words, encode_file
 from lightrnn.export import save_model
@@ -25,8 +27,12 @@ from lightrnn.train import StepLog, evaluate
 from lightrnn.vocab import Vocabulary
 
 
-def run(config: RunConfig, out_dir: str | None = None) -> dict:
-    """Build the vocabulary, train, evaluate valid and test; return the figures."""
+def run(config: RunConfig, out_dir: str | None = None, budget_seconds: float = 0.0, clock: str = "cpu") -> dict:
+    """Build the vocabulary, train, evaluate valid and test; return the figures.
+
+    `budget_seconds` > 0 trains for that many seconds of `clock` (`jobs.time_budget`) instead of
+    the configured epochs or steps.
+    """
     torch.manual_seed(config.train.seed)
     t0 = time.perf_counter()
     vocab = Vocabulary.build(
@@ -72,9 +78,11 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
             )
 
     realloc = dataclasses.replace(config.realloc, rounds=config.rounds)
-    result = train_with_reallocation(
-        model, streams["train"], config.train, realloc, valid_fn=valid_ppl, on_log=log, on_phase=phase_done
-    )
+    hooks = {"valid_fn": valid_ppl, "on_log": log, "on_phase": phase_done}
+    if budget_seconds > 0:
+        result = train_for_time(model, streams["train"], config.train, realloc, budget_seconds, clock, **hooks)
+    else:
+        result = train_with_reallocation(model, streams["train"], config.train, realloc, **hooks)
     test = evaluate(model, streams["test"], vocab.eos_id, config.train.eval_batch_size, config.train.bptt)
     summary = {
         "config": config.name,
@@ -82,6 +90,8 @@ def run(config: RunConfig, out_dir: str | None = None) -> dict:
         "params": n_params,
         "embed_head_bytes": (n_params - core_params) * 4,  # fp32
         "steps": result.steps,
+        "budget_seconds": budget_seconds,
+        "clock": clock if budget_seconds > 0 else "wall",  # the clock of train_seconds and realloc_seconds
         "train_words": result.words,
         "train_seconds": round(result.train_seconds, 1),
         "realloc_rounds": realloc.rounds,
@@ -113,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field"
     )
+    parser.add_argument(
+        "--budget-seconds", type=float, default=0.0, help="train for this many seconds instead of epochs or steps"
+    )
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="cpu", help="the budget's clock: process CPU time or wall time"
+    )
     parser.add_argument("--out", help="directory to save the trained model in")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     args = parser.parse_args(argv)
@@ -121,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         config = get_preset(args.config).with_overrides(overrides)
     except ValueError as e:
         parser.error(str(e))
-    summary = run(config, args.out)
+    if args.budget_seconds < 0:
+        parser.error(f"--budget-seconds must be > 0 (or 0 for the configured epochs), got {args.budget_seconds}")
+    summary = run(config, args.out, args.budget_seconds, args.clock)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     return 0

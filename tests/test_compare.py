@@ -41,9 +41,9 @@ def test_compare_with_a_time_budget(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["variant"] for r in rows] == variants
-    for row in rows:
+    for row in rows:  # every variant spends the 6 s budget of its CPU clock, reallocation included
         assert row["test_ppl"] > 1 and row["valid_ppl"] > 1 and row["words_per_s"] > 0
-        assert row["steps"] >= 30  # at least the probe's steps
+        assert row["clock"] == "cpu" and 6.0 <= row["train_seconds"] + row["realloc_seconds"] <= 6.0 * 1.1
     by_name = {r["variant"]: r for r in rows}
     assert by_name["lightrnn-random"]["embed_head_bytes"] < by_name["full"]["embed_head_bytes"] / 5
     assert len(by_name["lightrnn-realloc"]["words_moved"]) == 1
