@@ -20,6 +20,17 @@ segments chain exactly. The extra step r(yT) serves the last column prediction.
 
 Empty cells (R * C > V) and empty rows are masked out, so P sums to one over
 exactly the V words.
+
+Precision: the LSTM runs in the dtype `set_lstm_dtype` chose (float32 unless told),
+with autocast switched off around it; its outputs and the carried (h, c) come back in
+float32 whatever that dtype is, and the heads follow the caller's autocast. Autocast's own rule for
+the cuDNN LSTM casts to float16 even under `dtype=torch.bfloat16` (ATen's
+`cudnn/AutocastRNN.cpp` hard-codes `kHalf`), and CPU autocast runs it in bfloat16: either
+would carry the state in 16 bits across every segment of a block.
+
+Input checks: `check=True` (the default) reads the ids to check their range, a host sync
+on a GPU; callers that checked their data where they read it (the training loops do, per
+block on the host) pass `check=False`.
 """
 
 from __future__ import annotations
@@ -27,11 +38,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightrnn.allocation import Allocation, AllocationError
 from lightrnn.config import ModelConfig
 
-State = tuple[Tensor, Tensor]  # LSTM (h, c), each (L, B, H)
+State = tuple[Tensor, Tensor]  # LSTM (h, c), each (L, B, H), float32
+LSTM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> Tensor:
@@ -49,13 +62,26 @@ def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> Tenso
     return tokens.long()
 
 
+def check_shifted(tokens_BT: Tensor, targets_BT: Tensor) -> None:
+    """Raise unless `targets_BT` is `tokens_BT` shifted by one, as in a stream."""
+    if tokens_BT.shape != targets_BT.shape:
+        raise ValueError(f"tokens {tuple(tokens_BT.shape)} and targets {tuple(targets_BT.shape)} differ in shape")
+    if not torch.equal(targets_BT[:, :-1], tokens_BT[:, 1:]):
+        raise ValueError("targets must be the tokens shifted by one (targets[:, t] == tokens[:, t + 1])")
+
+
 def detach_state(state: State | None) -> State | None:
     """Cut the graph between truncated-BPTT segments, keeping the values."""
     return None if state is None else (state[0].detach(), state[1].detach())
 
 
 class LSTMCore(nn.Module):
-    """Dropout -> multi-layer LSTM -> dropout; the recurrence every model here shares."""
+    """Dropout -> multi-layer LSTM -> dropout; the recurrence every model here shares.
+
+    The LSTM computes in `lstm_dtype` with autocast off (see the module docstring); its
+    weights stay float32 and are cast per call when the dtype differs, so the optimizer
+    updates float32 weights. Its outputs and state come back in float32.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -67,10 +93,33 @@ class LSTMCore(nn.Module):
             batch_first=True,
         )
         self.drop = nn.Dropout(config.dropout)
+        self.lstm_dtype = torch.float32
 
     def forward(self, x_BTD: Tensor, state: State | None) -> tuple[Tensor, State]:
-        h_BTH, state = self.lstm(self.drop(x_BTD), state)
-        return self.drop(h_BTH), state
+        dtype = self.lstm_dtype
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            x_BTD = self.drop(x_BTD).to(dtype)
+            if state is not None:
+                state = (state[0].to(dtype), state[1].to(dtype))
+            if self.lstm.weight_ih_l0.dtype == dtype:
+                h_BTH, (h, c) = self.lstm(x_BTD, state)
+            else:  # cast copies of the weights, differentiable back to the float32 ones
+                weights = {name: w.to(dtype) for name, w in self.lstm.named_parameters()}
+                h_BTH, (h, c) = functional_call(self.lstm, weights, (x_BTD, state))
+        # back in the weights' dtype (float32): the heads follow the caller's autocast from there
+        out_dtype = self.lstm.weight_ih_l0.dtype
+        return self.drop(h_BTH.to(out_dtype)), (h.to(out_dtype), c.to(out_dtype))
+
+
+def set_lstm_dtype(model: nn.Module, dtype: str | torch.dtype) -> None:
+    """Run every LSTM of `model` in `dtype` (a name in LSTM_DTYPES or a torch dtype)."""
+    if isinstance(dtype, str):
+        if dtype not in LSTM_DTYPES:
+            raise ValueError(f"LSTM dtype must be one of {', '.join(LSTM_DTYPES)}; got {dtype!r}")
+        dtype = LSTM_DTYPES[dtype]
+    for module in model.modules():
+        if isinstance(module, LSTMCore):
+            module.lstm_dtype = dtype
 
 
 class LanguageModel(nn.Module):
@@ -78,15 +127,20 @@ class LanguageModel(nn.Module):
 
     config: ModelConfig
 
-    def forward(self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None, *, check: bool = True
+    ) -> tuple[Tensor, State]:
         """Mean negative log-likelihood of `targets_BT` given `tokens_BT`, and the carried state."""
-        logp_BT, state = self.target_log_probs(tokens_BT, targets_BT, state)
+        logp_BT, state = self.target_log_probs(tokens_BT, targets_BT, state, check=check)
         return -logp_BT.mean(), state
 
     def target_log_probs(
-        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None, *, check: bool = True
     ) -> tuple[Tensor, State]:
-        """log P(targets[:, t] | tokens[:, :t+1], state) for every position: (B, T)."""
+        """log P(targets[:, t] | tokens[:, :t+1], state) for every position: (B, T).
+
+        `check=False` skips reading the ids (range, shift): for data checked where it was read.
+        """
         raise NotImplementedError
 
     def next_word_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -173,20 +227,18 @@ class LightRNN(LanguageModel):
         return torch.stack((rows_BTD, cols_BTD), dim=2).reshape(B, 2 * T, D)
 
     def head_inputs(
-        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None, *, check: bool = True
     ) -> tuple[Tensor, Tensor, State]:
         """Hidden states feeding the row head and the column head for every target.
 
         Returns (h_row_BTH, h_col_BTH, state): h_row[:, t] predicts r(y_t), h_col[:, t]
         predicts c(y_t) given r(y_t). Cost accumulation for reallocation sums these.
         """
-        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
-        targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
-        if tokens_BT.shape != targets_BT.shape:
-            raise ValueError(f"tokens {tuple(tokens_BT.shape)} and targets {tuple(targets_BT.shape)} differ in shape")
-        if not torch.equal(targets_BT[:, :-1], tokens_BT[:, 1:]):
+        if check:
+            tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+            targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
             # the column step after r(x[t+1]) predicts c(y[t]); that is only right in a stream
-            raise ValueError("targets must be the tokens shifted by one (targets[:, t] == tokens[:, t + 1])")
+            check_shifted(tokens_BT, targets_BT)
         h_B2TH, state = self.core(self._interleave(tokens_BT), state)
         last_row_B1D = self.row_embed(self.row_of[targets_BT[:, -1:]])
         h_last_B1H, _ = self.core(last_row_B1D, state)  # the r(yT) step; state stays after c(xT)
@@ -229,9 +281,9 @@ class LightRNN(LanguageModel):
         return F.log_softmax(col_logits_BNC.float(), dim=-1).masked_fill(~occupied_BNC, float("-inf"))
 
     def target_log_probs(
-        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None, *, check: bool = True
     ) -> tuple[Tensor, State]:
-        h_row_BTH, h_col_BTH, state = self.head_inputs(tokens_BT, targets_BT, state)
+        h_row_BTH, h_col_BTH, state = self.head_inputs(tokens_BT, targets_BT, state, check=check)
         targets_BT = targets_BT.long()
         rows_BT, cols_BT = self.row_of[targets_BT].long(), self.col_of[targets_BT].long()
         row_logits_BTR = self._masked_row_logits(h_row_BTH)
@@ -259,8 +311,9 @@ class _WordEmbeddingLM(LanguageModel):
         self.core = LSTMCore(config)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
-    def _hidden(self, tokens_BT: Tensor, state: State | None) -> tuple[Tensor, State]:
-        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+    def _hidden(self, tokens_BT: Tensor, state: State | None, check: bool = True) -> tuple[Tensor, State]:
+        if check:
+            tokens_BT = check_tokens(tokens_BT, self.vocab_size)
         return self.core(self.embed(tokens_BT), state)
 
 
@@ -274,10 +327,11 @@ class FullSoftmaxLM(_WordEmbeddingLM):
             self.head.weight = self.embed.weight
 
     def target_log_probs(
-        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None, *, check: bool = True
     ) -> tuple[Tensor, State]:
-        targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
-        h_BTH, state = self._hidden(tokens_BT, state)
+        if check:
+            targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
+        h_BTH, state = self._hidden(tokens_BT, state, check)
         logits_BTV = self.head(h_BTH).float()
         logp = -F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), reduction="none")
         return logp.view_as(targets_BT), state
@@ -297,10 +351,11 @@ class AdaptiveSoftmaxLM(_WordEmbeddingLM):
         )
 
     def target_log_probs(
-        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None
+        self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None, *, check: bool = True
     ) -> tuple[Tensor, State]:
-        targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
-        h_BTH, state = self._hidden(tokens_BT, state)
+        if check:
+            targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
+        h_BTH, state = self._hidden(tokens_BT, state, check)
         out = self.head(h_BTH.flatten(0, 1).float(), targets_BT.flatten())
         return out.output.view_as(targets_BT), state
 

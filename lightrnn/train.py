@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lightrnn.config import TrainConfig
-from lightrnn.model import LanguageModel, State, detach_state
+from lightrnn.model import LanguageModel, State, check_tokens, detach_state
 
 
 class EmptyStreamError(ValueError):
@@ -103,18 +103,20 @@ def log_probs_along(model: LanguageModel, inputs_BL1: torch.Tensor, bptt: int) -
 
     `inputs_BL1[:, t + 1]` is the target after reading `inputs_BL1[:, : t + 1]`; every
     sequence starts from a zero state. The one scoring loop of evaluation and inference.
+    The ids are checked once, here; the scores stay on the model's device until the end.
     """
     device = next(model.parameters()).device
-    inputs_BL1 = inputs_BL1.to(device)
+    inputs_BL1 = check_tokens(inputs_BL1, model.vocab_size).to(device)
     length = inputs_BL1.shape[1] - 1
-    logp_BL = torch.empty(inputs_BL1.shape[0], length, dtype=torch.float64)
+    logp_BL = torch.empty(inputs_BL1.shape[0], length, dtype=torch.float64, device=device)
     state: State | None = None
     with inference(model):
         for i in range(0, length, bptt):
             t = min(bptt, length - i)
-            logp_BT, state = model.target_log_probs(inputs_BL1[:, i : i + t], inputs_BL1[:, i + 1 : i + 1 + t], state)
-            logp_BL[:, i : i + t] = logp_BT.double().cpu()
-    return logp_BL
+            x_BT, y_BT = inputs_BL1[:, i : i + t], inputs_BL1[:, i + 1 : i + 1 + t]
+            logp_BT, state = model.target_log_probs(x_BT, y_BT, state, check=False)
+            logp_BL[:, i : i + t] = logp_BT.double()
+    return logp_BL.cpu()
 
 
 def score_stream(
@@ -134,8 +136,32 @@ def evaluate(
     model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int = 10, bptt: int = 35
 ) -> EvalResult:
     """Perplexity over every token of `stream_N` (see the module docstring), on the model's device."""
-    logp_N = score_stream(model, stream_N, eos_id, batch_size, bptt)
-    return EvalResult(nll=-float(logp_N.sum()), tokens=int(logp_N.shape[0]))
+    return evaluate_columns(model, stream_N, eos_id, batch_size, bptt, range(batch_size))
+
+
+def column_share(batch_size: int, rank: int, world: int) -> range:
+    """The evaluation columns rank `rank` of `world` scores: a contiguous run, as even as can be."""
+    return range(batch_size * rank // world, batch_size * (rank + 1) // world)
+
+
+def evaluate_columns(
+    model: LanguageModel, stream_N: np.ndarray, eos_id: int, batch_size: int, bptt: int, columns: range
+) -> EvalResult:
+    """The summed NLL and token count of `columns` of `evaluate`'s layout.
+
+    Columns are independent (each starts from a zero state), so the sums over a partition
+    of the columns add up to `evaluate`'s: data-parallel evaluation gives the same figure.
+    A contiguous run of columns is a contiguous stretch of the stream.
+    """
+    cols_BL1 = eval_columns(stream_N, eos_id, batch_size)
+    length = cols_BL1.shape[1] - 1
+    if len(columns) == 0:
+        return EvalResult(nll=0.0, tokens=0)
+    logp_BL = log_probs_along(model, cols_BL1[columns.start : columns.stop], bptt)
+    # target t of column b is stream token b * length + t; the padding after the stream is not scored
+    position_BL = torch.arange(columns.start, columns.stop).unsqueeze(1) * length + torch.arange(length)
+    scored_BL = position_BL < len(stream_N)
+    return EvalResult(nll=-float(logp_BL[scored_BL].sum()), tokens=int(scored_BL.sum()))
 
 
 @dataclass
@@ -191,11 +217,13 @@ def train_step(
     """One truncated-BPTT step: set the LR, forward under `autocast`, backward, clip, update.
 
     `model` may be a DDP wrapper; returns the detached loss and the state to carry on.
+    Nothing here waits for the device: the ids must have been checked where they were read
+    (`check_tokens`), and the loss stays a device tensor.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast or nullcontext():
-        loss, state = model(tokens_BT, targets_BT, detach_state(state))
+        loss, state = model(tokens_BT, targets_BT, detach_state(state), check=False)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -225,14 +253,17 @@ def train(
     whole schedule of `total_steps`, and reading resumes at the segment where step
     `start_step` falls (the LSTM state starts afresh there).
     """
-    data_NB = batchify(train_stream, config.batch_size).to(config.device)
+    data_NB = check_tokens(batchify(train_stream, config.batch_size), model.vocab_size, "train_stream")
+    data_NB = data_NB.to(config.device)
     schedule_len = total_steps(len(train_stream), config)
     budget = steps_budget if steps_budget is not None else schedule_len - start_step
     optimizer = optimizer or make_optimizer(model, config)
     result = TrainResult()
     model.train()
     per_epoch = math.ceil((data_NB.shape[0] - 1) / config.bptt)
-    step, window_loss, window_words, window_start = start_step, 0.0, 0, time.perf_counter()
+    # the loss is summed on the device and read at log steps only: no host sync per step
+    window_loss = torch.zeros((), dtype=torch.float64, device=config.device)
+    step, window_words, window_start = start_step, 0, time.perf_counter()
     started, eval_seconds = time.perf_counter(), 0.0
     first = start_step % per_epoch
     while result.steps < budget:
@@ -244,19 +275,19 @@ def train(
             result.steps += 1
             words = x_BT.numel()
             result.words += words
-            window_loss += float(loss) * words
+            window_loss += loss.double() * words
             window_words += words
-            result.final_train_loss = float(loss)
             last = result.steps >= budget
             if step % config.log_every == 0 or last:
                 now = time.perf_counter()
-                log = StepLog(
-                    step, step / per_epoch, window_loss / window_words, lr, window_words / (now - window_start)
-                )
+                mean = float(window_loss) / window_words
+                log = StepLog(step, step / per_epoch, mean, lr, window_words / (now - window_start))
                 result.history.append(log)
+                result.final_train_loss = float(loss)
                 if on_log:
                     on_log(log)
-                window_loss, window_words, window_start = 0.0, 0, now
+                window_loss.zero_()
+                window_words, window_start = 0, now
             if last:
                 break
         first = 0

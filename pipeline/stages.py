@@ -25,6 +25,7 @@ from pipeline.checkpoint import (
     has_run,
     latest_checkpoint,
     load_allocation,
+    load_state,
     make_schedule,
     model_from_checkpoint,
 )
@@ -214,9 +215,16 @@ def reallocate(
 
 
 def evaluate(ctx: StageContext, trained: TrainOutput) -> tuple[EvalOutput, Metrics]:
-    """Valid and test perplexity of the final model (every token scored)."""
-    t = ctx.config.train
-    metrics = tasks.evaluate_checkpoint(trained.checkpoint, ctx.root.data, t.eval_batch_size, t.bptt)
+    """Valid and test perplexity of the final model (every token scored).
+
+    The last training phase scored both splits on its workers at the schedule's end
+    (`pipeline.train_loop.evaluate_split`) and stored the figures in its final checkpoint;
+    only a checkpoint written without them is scored here, in one Ray task.
+    """
+    metrics = load_state(trained.checkpoint).get("evaluation")
+    if not metrics:
+        t = ctx.config.train
+        metrics = tasks.evaluate_checkpoint(trained.checkpoint, ctx.root.data, t.eval_batch_size, t.bptt)
     print("[evaluate] " + ", ".join(f"{k} {v:,.2f}" for k, v in metrics.items()), flush=True)
     return EvalOutput(trained.checkpoint), metrics
 

@@ -140,6 +140,7 @@ def _summary(result: ray.train.Result, run_dir: str, workers: int) -> dict[str, 
         "final_train_loss": metrics.get("final_train_loss"),
         "window_train_loss": metrics.get("loss"),
         "valid_ppl": metrics.get("valid_ppl"),
+        "test_ppl": metrics.get("test_ppl"),  # at the schedule's end, when the dataset has a test split
         "words_per_s": metrics["attempt_words"] / seconds if seconds else None,
         "train_words": metrics.get("attempt_words"),
         "train_seconds": seconds,

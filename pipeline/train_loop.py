@@ -15,8 +15,23 @@ data position is a function of the step, so a restored run continues where its
 checkpoint was taken (the LSTM state starts afresh there, as in `lightrnn.train`).
 Which blocks land on which rank is Ray Data's choice and can differ after a restart.
 
+What the loop does so that it runs well on GPUs:
+
+- precision: bf16 autocast for the heads, the LSTM in `DistConfig.lstm_dtype`
+  (float32 by default, TF32 allowed) and its carried state in float32 (`lightrnn.model`);
+- randomness: identical initial weights on every rank, then a per-rank seed, so the ranks
+  draw different dropout masks;
+- communication: the gradient all-reduce only; the word-table buffers are built
+  identically on every rank from the same allocation file and never broadcast;
+- host syncs: none per step. Ids are checked per batch of blocks on the host, losses are
+  summed on the device and read at report steps, and Adam's step counters stay on the CPU.
+
+Held-out evaluation is data-parallel too: each rank scores its share of the evaluation
+columns on its own device and the sums are all-reduced (`evaluate_split`). At the end of the
+schedule the test split is scored as well and the figures go into the last checkpoint.
+
 The loop's parts: `start_state` (the weights and optimizer a worker starts from),
-`segment_stream` (the data position of every step), `Reporter` (metrics, validation,
+`segment_stream` (the data position of every step), `Reporter` (metrics, evaluation,
 checkpoints and MLflow at report steps).
 """
 
@@ -41,8 +56,8 @@ import torch.distributed as dist
 
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig, from_dict
-from lightrnn.model import LanguageModel, build_model
-from lightrnn.train import evaluate, lr_at, make_optimizer, segments, train_step
+from lightrnn.model import LSTM_DTYPES, LanguageModel, build_model, set_lstm_dtype
+from lightrnn.train import EvalResult, column_share, evaluate_columns, lr_at, make_optimizer, segments, train_step
 from pipeline.checkpoint import (
     Schedule,
     checkpoint_allocation,
@@ -65,6 +80,7 @@ class DistConfig:
     name: str = "lightrnn"  # run name; the same name with resume=True continues the run
     workers: int = 2
     use_gpu: bool = False  # NCCL + bf16 autocast when True, gloo + fp32 on CPU
+    lstm_dtype: str = "float32"  # the LSTM's compute dtype (LSTM_DTYPES); autocast never picks it
     allocation: str = ""  # Allocation.save URI for LightRNN; "" = Allocation.random(V, seed)
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # older ones are deleted by Ray Train
@@ -90,6 +106,8 @@ class DistConfig:
             raise ValueError(f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
         if self.stop_step < 0:
             raise ValueError(f"stop_step must be >= 0 (0 = the whole schedule), got {self.stop_step}")
+        if self.lstm_dtype not in LSTM_DTYPES:
+            raise ValueError(f"lstm_dtype must be one of {', '.join(LSTM_DTYPES)}; got {self.lstm_dtype!r}")
 
 
 # -- the starting point ------------------------------------------------------------------
@@ -112,13 +130,23 @@ def _optimizer(model: torch.nn.Module, job: DistConfig, config: TrainConfig) -> 
 
 
 def start_state(
-    model_config: ModelConfig, train_config: TrainConfig, job: DistConfig, device: torch.device
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    job: DistConfig,
+    device: torch.device,
+    rank: int,
+    checkpoint: ray.train.Checkpoint | None,
 ) -> StartState:
-    """Ray Train's latest checkpoint of this run after a restart; else the previous phase's
+    """Ray Train's latest `checkpoint` of this run after a restart; else the previous phase's
     weights (`job.init_checkpoint`) with this phase's word table (`job.allocation`); else a
-    fresh model. A checkpoint's table is its own allocation.parquet."""
+    fresh model. A checkpoint's table is its own allocation.parquet.
+
+    Every rank builds the same weights (seeded with `train_config.seed`) and then reseeds
+    with `seed + rank`, so each rank draws its own dropout masks. Checkpoints are read on
+    the CPU: the optimizer moves its moments beside the parameters and keeps Adam's `step`
+    counters on the CPU, where reading them costs no device sync.
+    """
     lightrnn = model_config.kind == "lightrnn"
-    checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
     allocation: Allocation | None = None
     if checkpoint is not None:
@@ -140,19 +168,31 @@ def start_state(
         )
     torch.manual_seed(train_config.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(model_config, allocation).to(device)
+    set_lstm_dtype(model, job.lstm_dtype)
     optimizer = _optimizer(model, job, train_config)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+    torch.manual_seed(train_config.seed + rank)  # dropout: one independent stream of masks per rank
     return StartState(model, optimizer, int(state["step"]) if state else 0, checkpoint is not None)
 
 
 # -- the data position of every step -----------------------------------------------------
 
 
-def _blocks_tensor(batch: pa.Table, block_len: int, device: torch.device) -> torch.Tensor:
-    """(B, block_len) int64 ids from a pyarrow batch of full blocks."""
+def blocks_tensor(batch: pa.Table, block_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(B, block_len) int64 ids on `device` from a pyarrow batch of full blocks, checked on the host.
+
+    The range check runs here, once per batch of blocks on the host, so the training
+    steps never read ids back from the device (`train_step` passes `check=False`).
+    """
     flat = batch.column("tokens").combine_chunks().flatten().to_numpy()
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+        bad = flat[(flat < 0) | (flat >= vocab_size)][0]
+        raise ValueError(
+            f"a train block holds id {bad}, outside the vocabulary 0..{vocab_size - 1}: the blocks and "
+            "the vocabulary come from different prepare runs; prepare the dataset again"
+        )
     return torch.from_numpy(flat.astype(np.int64).reshape(batch.num_rows, block_len)).to(device)
 
 
@@ -160,6 +200,7 @@ def segment_stream(
     shard: Any,
     schedule: Schedule,
     block_len: int,
+    vocab_size: int,
     bptt: int,
     span: tuple[int, int],
     device: torch.device,
@@ -183,7 +224,7 @@ def segment_stream(
                 break
             if index < first_batch:
                 continue  # consumed before the checkpoint this run was restored from
-            blocks_BL = _blocks_tensor(batch, block_len, device)
+            blocks_BL = blocks_tensor(batch, block_len, vocab_size, device)
             first = first_segment if index == first_batch else 0
             for i, (x_BT, y_BT) in enumerate(segments(blocks_BL.t(), bptt, first)):
                 yield x_BT, y_BT, i == 0
@@ -249,12 +290,12 @@ class Reporter:
         stop: int,
         world: tuple[int, int],
         device: torch.device,
-        validate: Callable[[], float],
+        evaluate: Callable[[str], EvalResult | None],
         checkpoint_configs: dict[str, Any],
     ) -> None:
         self.job, self.config, self.schedule, self.start, self.stop = job, config, schedule, start, stop
         self.rank, self.world = world
-        self.validate = validate
+        self.evaluate = evaluate
         self.checkpoint_configs = checkpoint_configs
         self.window = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * words, words)
         self.last_loss = torch.full((), math.nan, device=device)
@@ -284,7 +325,11 @@ class Reporter:
         )
 
     def report(self, step: int, lr: float) -> None:
-        """All-reduce the window, validate at epoch ends and the last step, checkpoint, report."""
+        """All-reduce the window, evaluate at epoch ends and the last step, checkpoint, report.
+
+        Valid perplexity at epoch ends and at the run's last step; at the schedule's end also
+        test perplexity, and both go into the checkpoint as its `evaluation`.
+        """
         if self.world > 1:
             dist.all_reduce(self.window)  # global loss and words, the same figures on every rank
         now = time.perf_counter()
@@ -304,16 +349,23 @@ class Reporter:
             "attempt_seconds": now - self.attempt_start - self.eval_seconds,
             "final_train_loss": float(self.last_loss),
         }
+        evaluation: dict[str, float] = {}
         if step % self.schedule.steps_per_epoch == 0 or step >= self.stop:
             eval_start = time.perf_counter()
-            metrics["valid_ppl"] = self.validate()
+            splits = ("valid", "test") if step >= self.schedule.total_steps else ("valid",)
+            for split in splits:
+                result = self.evaluate(split)
+                if result is not None:
+                    evaluation[f"{split}_ppl"], evaluation[f"{split}_tokens"] = result.ppl, float(result.tokens)
+            metrics["valid_ppl"] = evaluation.get("valid_ppl", math.nan)
+            if "test_ppl" in evaluation:
+                metrics["test_ppl"] = evaluation["test_ppl"]
             self.eval_seconds += time.perf_counter() - eval_start
         folder = None
         if (step % self.job.checkpoint_every == 0 or step >= self.stop) and self.rank == 0:
             folder = tempfile.mkdtemp(prefix="lightrnn-ckpt-")
-            save_checkpoint(
-                folder, self.start.model, self.start.optimizer, step, self.schedule, self.checkpoint_configs
-            )
+            configs = {**self.checkpoint_configs, "evaluation": evaluation} if evaluation else self.checkpoint_configs
+            save_checkpoint(folder, self.start.model, self.start.optimizer, step, self.schedule, configs)
         if self.tracker is not None:
             self.tracker.log(metrics)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
@@ -336,21 +388,69 @@ def _quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _validation(model: LanguageModel, dataset: TokenDataset, config: TrainConfig, rank: int) -> Callable[[], float]:
-    """Rank 0's valid perplexity of `model` (NaN elsewhere or without a valid split)."""
-    if rank != 0 or "valid" not in dataset.splits:
-        return lambda: math.nan
-    stream, eos = dataset.tokens("valid"), dataset.vocab().eos_id
+def eos_id(dataset: TokenDataset) -> int:
+    """The `<eos>` id from the dataset's manifest: the words themselves are never loaded here."""
+    eos = dataset.manifest["vocab"].get("eos_id")
+    if eos is None:
+        raise ValueError(
+            f"{dataset.root}/manifest.json does not record the <eos> id (it was prepared by an older "
+            "version): prepare the dataset again"
+        )
+    return int(eos)
 
-    def validate() -> float:
-        ppl = evaluate(model, stream, eos, config.eval_batch_size, config.bptt).ppl
-        model.train()
-        return ppl
 
-    return validate
+def evaluate_split(
+    model: LanguageModel, stream_N: np.ndarray, eos: int, config: TrainConfig, world: tuple[int, int]
+) -> EvalResult:
+    """Perplexity terms of a whole split, each rank scoring its share of the evaluation columns.
+
+    Rank r of w scores a contiguous run of the `config.eval_batch_size` columns on its own
+    device (`lightrnn.train.evaluate_columns`); the summed NLL and token counts are
+    all-reduced, so every rank returns the figure `lightrnn.train.evaluate` gives in one
+    process. Every rank must call it (a collective when w > 1).
+    """
+    rank, size = world
+    share = column_share(config.eval_batch_size, rank, size)
+    part = evaluate_columns(model, stream_N, eos, config.eval_batch_size, config.bptt, share)
+    if size == 1:
+        return part
+    device = next(model.parameters()).device
+    sums = torch.tensor([part.nll, float(part.tokens)], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    nll, tokens = sums.tolist()
+    return EvalResult(nll=nll, tokens=int(tokens))
+
+
+def _evaluator(
+    model: LanguageModel, dataset: TokenDataset, config: TrainConfig, world: tuple[int, int]
+) -> Callable[[str], EvalResult | None]:
+    """split -> the model's figures on it (None if the dataset has no such split); streams read once."""
+    streams: dict[str, np.ndarray] = {}
+    eos = eos_id(dataset)
+
+    def evaluate(split: str) -> EvalResult | None:
+        if split not in dataset.splits:
+            return None
+        if split not in streams:
+            streams[split] = dataset.tokens(split)
+        return evaluate_split(model, streams[split], eos, config, world)
+
+    return evaluate
 
 
 # -- the loop ----------------------------------------------------------------------------
+
+
+def ddp_options(model_config: ModelConfig) -> dict[str, Any]:
+    """DistributedDataParallel's options for this model.
+
+    `broadcast_buffers=False`: by default DDP re-sends every buffer from rank 0 before each
+    forward; the word-table lookups (`row_of`, `col_of`, `occupied_RC`, 90 MB at V = 10M) are
+    built identically on every rank from the same allocation file, so that would only add
+    their size to every step's traffic. The adaptive softmax leaves tail clusters without
+    gradient in some batches, which DDP must be told (`find_unused_parameters`).
+    """
+    return {"broadcast_buffers": False, "find_unused_parameters": model_config.kind == "adaptive"}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -361,16 +461,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+    if job.use_gpu:
+        # float32 matmuls and the float32 cuDNN LSTM may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     dataset = open_dataset(job.data)
     model_config = from_dict(ModelConfig, loop_config["model"])
     if model_config.vocab_size == 0:
         model_config = replace(model_config, vocab_size=int(dataset.manifest["vocab"]["size"]))
     schedule = make_schedule(loop_config["train_blocks"], dataset.block_len, world, train_config)
-    start = start_state(model_config, train_config, job, device)
+    start = start_state(model_config, train_config, job, device, rank, ray.train.get_checkpoint())
     stop = job.stop_step or schedule.total_steps
-    # adaptive softmax leaves tail clusters without gradient in some batches; DDP must know
-    ddp_kwargs = {"find_unused_parameters": True} if model_config.kind == "adaptive" else None
-    ddp_model = ray.train.torch.prepare_model(start.model, parallel_strategy_kwargs=ddp_kwargs)
+    ddp_model = ray.train.torch.prepare_model(start.model, parallel_strategy_kwargs=ddp_options(model_config))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if job.use_gpu else nullcontext()
     reporter = Reporter(
         job,
@@ -380,13 +482,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stop,
         (rank, world),
         device,
-        _validation(start.model, dataset, train_config, rank),
+        _evaluator(start.model, dataset, train_config, (rank, world)),
         {"train_config": loop_config["train"], "dist_config": loop_config["dist"]},
     )
     start.model.train()
     step, state = start.step, None
     shard = ray.train.get_dataset_shard("train")
-    steps = segment_stream(shard, schedule, dataset.block_len, train_config.bptt, (step, stop), device, rank)
+    steps = segment_stream(
+        shard, schedule, dataset.block_len, model_config.vocab_size, train_config.bptt, (step, stop), device, rank
+    )
     for x_BT, y_BT, new_batch in steps:
         if new_batch:
             state = None

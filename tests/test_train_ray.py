@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from jobs.configs import get_preset
 from lightrnn.allocation import Allocation
 from lightrnn.config import TrainConfig
 from lightrnn.model import build_model
-from pipeline.checkpoint import STATE_FILE
+from lightrnn.train import evaluate
+from pipeline.checkpoint import STATE_FILE, model_from_checkpoint
 from pipeline.dataset import open_dataset
 from pipeline.prepare import prepare
 from pipeline.runconfig import DataConfig
@@ -54,7 +56,8 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def data(ptb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("ptb-small") / "prepared")
-    prepare(DataConfig(train=str(ptb_dir / "ptb.valid.txt"), valid=str(ptb_dir / "ptb.test.txt"), block_len=2000), out)
+    test = str(ptb_dir / "ptb.test.txt")  # valid and test the same text: tests compare the two figures
+    prepare(DataConfig(train=str(ptb_dir / "ptb.valid.txt"), valid=test, test=test, block_len=2000), out)
     return out
 
 
@@ -187,3 +190,65 @@ def test_bad_batch_fails_before_ray_work(data: str, tmp_path: Path) -> None:
         _train(data, tmp_path, "bad", train, workers=2)
     with pytest.raises(ValueError, match="smaller --block-len"):
         _train(data, tmp_path, "bad", dataclasses.replace(TINY.train, batch_size=64), workers=2)
+
+
+def loop_probing_ranks(config: dict) -> None:
+    """Builds the model as the worker loop does; records the weights, a dropout draw, and
+    whether a word table only rank 1 holds survives a DDP step with and without broadcasts."""
+    from lightrnn.config import ModelConfig, from_dict
+    from pipeline.train_loop import ddp_options, start_state
+
+    rank = ray.train.get_context().get_world_rank()
+    model_config = from_dict(ModelConfig, config["model"])
+    train_config = from_dict(TrainConfig, config["train"])
+    job = DistConfig(data="unused", output="unused")
+    x_BT = torch.randint(0, model_config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    record: dict[str, object] = {}
+    for options in (ddp_options(model_config), {"broadcast_buffers": True}):
+        start = start_state(model_config, train_config, job, torch.device("cpu"), rank, None)
+        if not record:
+            record["weights"] = {k: v.clone() for k, v in start.model.state_dict().items()}
+            record["dropout_loss"] = start.model.train()(x_BT[:, :-1], x_BT[:, 1:])[0].item()
+        ddp = ray.train.torch.prepare_model(start.model, parallel_strategy_kwargs=options)
+        if rank == 1:
+            start.model.row_of.copy_(start.model.row_of.flip(0))  # a table only rank 1 holds
+        own = start.model.row_of.clone()
+        ddp(x_BT[:, :-1], x_BT[:, 1:])[0].backward()
+        record[f"table_kept_broadcast_{options['broadcast_buffers']}"] = torch.equal(start.model.row_of, own)
+    torch.save(record, os.path.join(config["out"], f"rank{rank}.pt"))
+
+
+def test_ranks_share_weights_not_dropout_masks_and_ddp_leaves_the_word_table_alone(tmp_path: Path) -> None:
+    model = dataclasses.replace(TINY.model, vocab_size=500, num_layers=2, dropout=0.5)
+    trainer = ray.train.torch.TorchTrainer(
+        loop_probing_ranks,
+        train_loop_config={
+            "model": dataclasses.asdict(model),
+            "train": dataclasses.asdict(TINY.train),
+            "out": str(tmp_path),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="probe"),
+    )
+    trainer.fit()
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(zero["weights"][k], one["weights"][k]) for k in zero["weights"])
+    assert zero["dropout_loss"] != one["dropout_loss"]  # the same weights and batch, other dropout masks
+    assert one["table_kept_broadcast_False"] and zero["table_kept_broadcast_False"]
+    assert not one["table_kept_broadcast_True"]  # DDP's default would have sent rank 0's table over it
+
+
+def test_workers_evaluate_in_parallel_without_the_vocabulary(data: str, tmp_path: Path) -> None:
+    dataset = open_dataset(data)
+    eos, valid = dataset.vocab().eos_id, dataset.tokens("valid")
+    no_words = str(tmp_path / "data")
+    shutil.copytree(data, no_words, ignore=shutil.ignore_patterns(dataset.manifest["vocab"]["path"]))
+    train = dataclasses.replace(TINY.train, batch_size=4, max_steps=6, eval_batch_size=5)
+    summary = _train(no_words, tmp_path, "eval", train, workers=2, checkpoint_every=6)
+    state = _state(summary)
+    model = model_from_checkpoint(summary["checkpoint"])
+    single = evaluate(model, valid, eos, train.eval_batch_size, train.bptt)  # one process, every column
+    assert summary["valid_ppl"] == pytest.approx(single.ppl, rel=1e-5)
+    assert summary["test_ppl"] == pytest.approx(single.ppl, rel=1e-5)  # the test split is the same text
+    assert state["evaluation"]["valid_tokens"] == single.tokens == len(valid)
+    assert state["evaluation"]["test_ppl"] == summary["test_ppl"]
