@@ -8,6 +8,8 @@ run, so ratios are meaningful on a noisy machine.
     python -m jobs.bench step --vocab 1000000 --hidden 256 --models lightrnn,full,adaptive --json
     python -m jobs.bench realloc --vocab 1000000 --k 10 --method exact --json
     python -m jobs.bench infer --vocab 100000,1000000 --json
+    python -m jobs.bench train --workers 2 --vocab 1000000 --hidden 64 --json
+    python -m jobs.bench gpu-smoke --json    # on a machine with 2+ GPUs
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ BENCHMARKS = {
     "ingest": "jobs.bench_ingest",
     "train": "jobs.bench_train",
     "infer": "jobs.bench_infer",
+    "gpu-smoke": "jobs.bench_gpu_smoke",
 }
 
 

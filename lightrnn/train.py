@@ -83,19 +83,26 @@ def inference(model: LanguageModel) -> Iterator[LanguageModel]:
         model.train(was_training)
 
 
-def eval_columns(stream_N: np.ndarray | torch.Tensor, eos_id: int, batch_size: int) -> torch.Tensor:
+def eval_columns(
+    stream_N: np.ndarray | torch.Tensor, eos_id: int, batch_size: int, columns: range | None = None
+) -> torch.Tensor:
     """(B, L + 1) columns of `<eos>` + the stream, as in the module docstring (the last padded).
 
     Column b reads positions b*L .. b*L + L of `<eos>` + stream: its inputs, then its
     targets shifted by one, so its L targets are stream tokens b*L .. b*L + L - 1.
+    `columns` (default: all) picks a contiguous run of them; only its stretch is copied.
     """
-    stream = torch.tensor(np.asarray(stream_N), dtype=torch.long)  # a copy: inputs may be read-only
-    if stream.numel() == 0:
+    stream_N = np.asarray(stream_N)
+    if stream_N.shape[0] == 0:
         raise EmptyStreamError("cannot score an empty stream")
-    length = math.ceil(stream.numel() / batch_size)  # targets per column
-    padded = torch.full((batch_size * length + 1,), eos_id, dtype=torch.long)  # padding is never scored
-    padded[1 : stream.numel() + 1] = stream
-    return torch.stack([padded[b * length : b * length + length + 1] for b in range(batch_size)])
+    columns = range(batch_size) if columns is None else columns
+    length = math.ceil(stream_N.shape[0] / batch_size)  # targets per column
+    first, last = columns.start * length, columns.stop * length + 1  # positions in <eos> + stream
+    padded = torch.full((last - first,), eos_id, dtype=torch.long)  # padding is never scored
+    start, stop = max(first, 1), min(last, stream_N.shape[0] + 1)
+    if start < stop:
+        padded[start - first : stop - first] = torch.from_numpy(stream_N[start - 1 : stop - 1].astype(np.int64))
+    return padded.unfold(0, length + 1, length).contiguous()  # windows overlapping by one position
 
 
 def log_probs_along(model: LanguageModel, inputs_BL1: torch.Tensor, bptt: int) -> torch.Tensor:
@@ -153,11 +160,11 @@ def evaluate_columns(
     of the columns add up to `evaluate`'s: data-parallel evaluation gives the same figure.
     A contiguous run of columns is a contiguous stretch of the stream.
     """
-    cols_BL1 = eval_columns(stream_N, eos_id, batch_size)
-    length = cols_BL1.shape[1] - 1
     if len(columns) == 0:
         return EvalResult(nll=0.0, tokens=0)
-    logp_BL = log_probs_along(model, cols_BL1[columns.start : columns.stop], bptt)
+    cols_BL1 = eval_columns(stream_N, eos_id, batch_size, columns)
+    length = cols_BL1.shape[1] - 1
+    logp_BL = log_probs_along(model, cols_BL1, bptt)
     # target t of column b is stream token b * length + t; the padding after the stream is not scored
     position_BL = torch.arange(columns.start, columns.stop).unsqueeze(1) * length + torch.arange(length)
     scored_BL = position_BL < len(stream_N)

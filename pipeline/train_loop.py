@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -441,6 +441,20 @@ def _evaluator(
 # -- the loop ----------------------------------------------------------------------------
 
 
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's device: its GPU (float32 matmuls and the cuDNN LSTM may use TF32), else the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return ray.train.torch.get_device()
+
+
+def training_autocast(use_gpu: bool) -> AbstractContextManager:
+    """bf16 autocast on GPUs for all but the LSTM, whose dtype `lightrnn.model` sets; none on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else nullcontext()
+
+
 def ddp_options(model_config: ModelConfig) -> dict[str, Any]:
     """DistributedDataParallel's options for this model.
 
@@ -460,11 +474,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_config = from_dict(TrainConfig, loop_config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
-    if job.use_gpu:
-        # float32 matmuls and the float32 cuDNN LSTM may use TF32 tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = worker_device(job.use_gpu)
     dataset = open_dataset(job.data)
     model_config = from_dict(ModelConfig, loop_config["model"])
     if model_config.vocab_size == 0:
@@ -473,7 +483,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start = start_state(model_config, train_config, job, device, rank, ray.train.get_checkpoint())
     stop = job.stop_step or schedule.total_steps
     ddp_model = ray.train.torch.prepare_model(start.model, parallel_strategy_kwargs=ddp_options(model_config))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if job.use_gpu else nullcontext()
+    autocast = training_autocast(job.use_gpu)
     reporter = Reporter(
         job,
         train_config,

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from jobs import bench
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig
 from lightrnn.model import build_model, set_lstm_dtype
@@ -178,3 +179,11 @@ def test_dist_config_names_the_lstm_dtypes() -> None:
     with pytest.raises(ValueError, match="float32, bfloat16"):
         DistConfig(data="d", output="o", lstm_dtype="float16")
     assert dataclasses.replace(DistConfig(data="d", output="o"), lstm_dtype="bfloat16").lstm_dtype == "bfloat16"
+
+
+# -- the GPU smoke test -----------------------------------------------------------------------
+
+
+def test_the_gpu_smoke_test_says_what_it_needs() -> None:
+    with pytest.raises(SystemExit, match="needs 2 GPUs; this machine shows 0"):
+        bench.main(["gpu-smoke"])

@@ -25,6 +25,7 @@ import pytest
 import ray
 import torch
 
+from jobs import bench
 from jobs import train as train_job
 from jobs.configs import get_preset
 from lightrnn.allocation import Allocation
@@ -252,3 +253,18 @@ def test_workers_evaluate_in_parallel_without_the_vocabulary(data: str, tmp_path
     assert summary["test_ppl"] == pytest.approx(single.ppl, rel=1e-5)  # the test split is the same text
     assert state["evaluation"]["valid_tokens"] == single.tokens == len(valid)
     assert state["evaluation"]["test_ppl"] == summary["test_ppl"]
+
+
+def test_bench_train_splits_the_ddp_step_with_and_without_buffer_broadcasts() -> None:
+    args = ["--workers", "2", "--vocab", "3000", "--hidden", "8", "--steps", "1", "--rounds", "1", "--block-len", "64"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert bench.main(["train", *args, "--json"]) == 0
+    result = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert set(result["variants"]) == {"broadcast_buffers=False", "broadcast_buffers=True"}
+    for figures in result["variants"].values():
+        assert set(figures["parts_ms"]) == {"data", "forward", "broadcast", "backward", "all_reduce", "optimizer"}
+        assert sum(figures["parts_ms"].values()) == pytest.approx(figures["step_ms"], abs=0.05)
+        assert figures["words_per_s"] > 0 and 0 <= figures["communication_share"] <= 1
+        assert figures["lstm_output_dtype"] == figures["carried_state_dtype"] == "torch.float32"
+    assert result["peak_memory_mb"] > 0 and result["step_time_ratio_on_to_off"] > 0
