@@ -68,12 +68,21 @@ class LowRankCosts:
             self.bias_col = np.float32(math.sqrt(rank)) * rng.standard_normal(cols, dtype=np.float32)
 
     def __call__(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        words = np.arange(start, stop, dtype=np.int64)
+        return self.row_costs_of(words), self.column_costs_of(words)
+
+    def row_costs(self, start: int, stop: int) -> np.ndarray:
+        return self.row_costs_of(np.arange(start, stop, dtype=np.int64))
+
+    def row_costs_of(self, words: np.ndarray) -> np.ndarray:
+        """A of the given words: the costs of a block are those of its words, in any order."""
         # a multiplicative hash spreads neighbouring words over the noise table
-        pick = (np.arange(start, stop, dtype=np.int64) * 2_654_435_761) % _NOISE_ROWS
-        n = self.count[start:stop, None]
-        a = n * (-(self.u_row[start:stop] @ self.w_row.T) - self.bias_row + self.noise_row[pick])
-        b = n * (-(self.u_col[start:stop] @ self.w_col.T) - self.bias_col + self.noise_col[pick])
-        return a, b
+        pick = (words.astype(np.int64) * 2_654_435_761) % _NOISE_ROWS
+        return self.count[words, None] * (-(self.u_row[words] @ self.w_row.T) - self.bias_row + self.noise_row[pick])
+
+    def column_costs_of(self, words: np.ndarray) -> np.ndarray:
+        pick = (words.astype(np.int64) * 2_654_435_761) % _NOISE_ROWS
+        return self.count[words, None] * (-(self.u_col[words] @ self.w_col.T) - self.bias_col + self.noise_col[pick])
 
 
 def _peak_rss_mb() -> float:
@@ -93,13 +102,30 @@ def _current_rss_mb() -> float:
     raise RuntimeError("VmRSS not found in /proc/self/status (Linux only)")
 
 
-def _run_method(method: str, vocab: int, rank: int, noise: float, seed: int, counts: str, options: dict) -> dict:
-    """One solve in this (fresh) process; its stats and memory. `options` go to the solver."""
+def _run_method(
+    method: str, vocab: int, rank: int, noise: float, seed: int, counts: str, options: dict, cpus: int = 1
+) -> dict:
+    """One solve in this (fresh) process; its stats and memory. `options` go to the solver.
+
+    With `cpus` > 1 a local Ray instance of that many CPUs runs two_stage's parallel work as
+    tasks; their largest private memory is reported beside this process's peak."""
     costs = LowRankCosts(vocab, rank, noise, seed, counts)
     current = Allocation.random(vocab, seed)
     inputs_mb = _current_rss_mb()
+    mapper = None
+    if cpus > 1 and method == "two_stage":
+        import ray
+
+        from pipeline.tasks import RayMapper
+
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        mapper = RayMapper()
+        options = {**options, "mapper": mapper}
     allocation, stats = solve_reallocation(costs, None, current, method=method, **options)
     result = stats.as_dict()
+    result["cpus"] = cpus if mapper is not None else 1
+    result["peak_task_mb"] = mapper.peak_task_mb if mapper is not None else None
+    result["tasks"] = mapper.tasks if mapper is not None else 0
     # an independent recount of the returned allocation's cost
     result["cost_after_check"] = allocation_cost(costs, None, allocation)
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -172,6 +198,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="exact",
         help=f"one of {', '.join(METHODS)}, a comma list, or 'all' (exact,two_stage)",
     )
+    parser.add_argument(
+        "--cpus", type=int, default=1, help="two_stage: CPUs of a local Ray instance running its parallel work"
+    )
     parser.add_argument("--rank", type=int, default=16, help="rank of the structured random costs")
     parser.add_argument("--noise", type=float, default=0.1, help="noise, relative to the low-rank part")
     parser.add_argument("--seed", type=int, default=0, help="seed of costs and the current allocation")
@@ -206,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     per_method = {}
     for method in methods:
         per_method[method] = _in_fresh_process(
-            _run_method, method, args.vocab, args.rank, args.noise, args.seed, args.counts, options
+            _run_method, method, args.vocab, args.rank, args.noise, args.seed, args.counts, options, args.cpus
         )
     dense = None
     if args.vs_dense:
@@ -220,19 +249,21 @@ def run(args: argparse.Namespace) -> dict:
 
     print(
         f"{'method':<11}{'seconds':>9}{'solver_s':>10}{'peak_rss_mb':>13}{'cost_before':>16}{'cost_after':>16}"
-        f"{'words_moved':>13}{'arcs':>12}{'tiers':>7}{'gap':>11}"
+        f"{'words_moved':>13}{'arcs':>12}{'tiers':>7}{'gap':>11}{'task_peak_mb':>14}"
     )
     for method, r in per_method.items():
         gap = f"{r['optimality_gap']:.2e}" if "optimality_gap" in r else "-"
         print(
             f"{method:<11}{r['seconds']:>9.2f}{r['solver_seconds']:>10.2f}{r['peak_rss_mb']:>13.0f}{r['cost_before']:>16.6g}"
             f"{r['cost_after']:>16.6g}{r['words_moved']:>13,}{r['num_candidate_arcs']:>12,}{r['tiers']:>7}{gap:>11}"
+            f"{r['peak_task_mb'] or 0:>14.0f}"
         )
     if dense is not None:
         d, blank = dense, ""
         print(f"{'dense opt':<11}{d['seconds']:>9.2f}{blank:>10}{d['peak_rss_mb']:>13.0f}{d['cost']:>32.6g}")
     first = per_method[methods[0]]
-    summary = {key: first[key] for key in ("seconds", "peak_rss_mb", "cost_before", "cost_after", "words_moved")}
+    keys = ("seconds", "peak_rss_mb", "peak_task_mb", "cost_before", "cost_after", "words_moved", "cpus")
+    summary = {key: first[key] for key in keys}
     if "optimality_gap" in first:
         summary["optimality_gap"] = first["optimality_gap"]
     summary.update(

@@ -13,8 +13,9 @@ Methods:
   exact      min-cost matching on that sparse candidate graph (OR-Tools). When words' costs span
              too many orders of magnitude for one integer scale (costs are sums over a word's
              occurrences), words are matched in tiers, widest cost range first (realloc_exact.py).
-  two_stage  words -> rows as a transportation problem (row capacity C), then the words of each
-             row onto its columns (`assign_columns_in_row`): R independent problems.
+  two_stage  words -> rows (row capacity C; the words with the most at stake matched exactly, the
+             others greedily), then the words of each row onto its columns: R independent sparse
+             assignments, in parallel through a mapper (realloc_two_stage.py).
   dense      scipy's linear_sum_assignment on the full V x (R*C) matrix: the oracle for tests.
 
 Costs come as arrays (A (V, R), B (V, C)) or as a callable `costs(start, stop) -> (A_block,
@@ -37,7 +38,7 @@ import numpy as np
 import scipy.optimize
 
 from lightrnn.allocation import Allocation
-from lightrnn.realloc_common import CostBlocks, Solution, iter_blocks, pair_cost
+from lightrnn.realloc_common import CostBlocks, Mapper, Solution, iter_blocks, pair_cost, serial_map
 from lightrnn.realloc_exact import TIER_MIN_LEVELS, TIER_RATIO, UPPER_SHARE, solve_exact
 from lightrnn.realloc_two_stage import assign_columns_in_row, solve_two_stage
 
@@ -52,10 +53,12 @@ __all__ = [
     "TIER_RATIO",
     "UPPER_SHARE",
     "CostBlocks",
+    "Mapper",
     "ReallocStats",
     "allocation_cost",
     "assign_columns_in_row",
     "auto_cells_per_word",
+    "serial_map",
     "solve_reallocation",
 ]
 
@@ -197,6 +200,7 @@ def solve_reallocation(
     keep_empty_cells: bool = False,
     cost_scale: float | None = None,
     block_size: int | None = None,
+    mapper: Mapper = serial_map,
 ) -> tuple[Allocation, ReallocStats]:
     """A new allocation minimising sum_w A[w, row] + B[w, col], never worse than `current`.
 
@@ -214,6 +218,8 @@ def solve_reallocation(
     cost_scale: integer levels per unit of cost for OR-Tools; None picks the finest safe one
         (and lets exact match words in tiers when one scale cannot resolve them all).
     block_size: words per cost block; None keeps a block's A and B near 32 MB of float64.
+    mapper: runs two_stage's work on word blocks and row groups (`realloc_common.Mapper`; the
+        pipeline passes one that fans out to Ray tasks); the costs it shares must pickle.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -230,7 +236,7 @@ def solve_reallocation(
         args = (int(k), cells_per_word, int(price_rounds), keep_empty_cells, cost_scale, block_size)
         solution = solve_exact(costs, current, *args)
     elif method == "two_stage":
-        solution = solve_two_stage(costs, current, int(k), int(price_rounds), cost_scale, block_size)
+        solution = solve_two_stage(costs, current, int(k), int(price_rounds), cost_scale, block_size, mapper)
     else:
         solution = _solve_dense(costs, current, block_size)
     cost_before, cost_after = math.fsum(solution.current_cost), math.fsum(solution.new_cost)

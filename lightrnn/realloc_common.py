@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,15 @@ from ortools.graph.python import linear_sum_assignment, min_cost_flow
 from lightrnn.allocation import Allocation
 
 CostBlocks = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+# A parallel map: mapper(fn, shared, items) == [fn(shared, item) for item in items], in any order of
+# work. `shared` is what every call needs (the costs); a distributed mapper sends it once.
+Mapper = Callable[[Callable[[Any, Any], Any], Any, Sequence[Any]], list[Any]]
+
+
+def serial_map(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
+    """The mapper of one process."""
+    return [fn(shared, item) for item in items]
+
 
 _PRICE_SAMPLE_ENTRIES = 1 << 25  # words sampled to set prices: 128 MB of float32 costs
 _PRICE_SAMPLE_CHUNKS = 16  # contiguous ranges spread over the ids (ids are often frequency ranks)
@@ -91,6 +101,34 @@ def iter_blocks(
         )
 
 
+def row_costs(costs: CostBlocks, start: int, stop: int, num_rows: int) -> np.ndarray:
+    """A (n, R) for words [start, stop): the source's `row_costs` when it has one (no B computed)."""
+    only_rows = getattr(costs, "row_costs", None)
+    a = only_rows(start, stop) if only_rows is not None else costs(start, stop)[0]
+    return checked_block(a, "row_cost", start, (stop - start, num_rows))
+
+
+def costs_of_words(costs: CostBlocks, words: np.ndarray, current: Allocation, block_size: int, side: int) -> np.ndarray:
+    """A (side 0: (n, R)) or B (side 1: (n, C)) of the given words, any order: the source's
+    `row_costs_of` / `column_costs_of` when it has one, else read block by block, skipping
+    blocks that hold none of them."""
+    width, name = (current.num_rows, "row_cost") if side == 0 else (current.num_cols, "col_cost")
+    of_words = getattr(costs, ("row_costs_of", "column_costs_of")[side], None)
+    if of_words is not None:
+        return checked_block(of_words(words), name, 0, (words.size, width))
+    order = np.argsort(words, kind="stable")
+    ascending = words[order]
+    out = np.empty((words.size, width), dtype=np.float64)
+    for start in range(0, current.vocab_size, block_size):
+        stop = min(start + block_size, current.vocab_size)
+        lo, hi = np.searchsorted(ascending, [start, stop])
+        if lo == hi:
+            continue
+        block = checked_block(costs(start, stop)[side], name, start, (stop - start, width))
+        out[order[lo:hi]] = block[ascending[lo:hi] - start]
+    return out
+
+
 def pair_cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A + B in float64, computed the same way everywhere so that equal cells give equal floats."""
     return a.astype(np.float64, copy=False) + b.astype(np.float64, copy=False)
@@ -101,7 +139,8 @@ def k_smallest(values: np.ndarray, k: int) -> np.ndarray:
     n, width = values.shape
     if k >= width:
         return np.broadcast_to(np.arange(width), (n, width))
-    return np.argpartition(values, k - 1, axis=1)[:, :k]
+    # torch's partial sort is several times faster than np.argpartition on rows this wide
+    return torch.topk(torch.from_numpy(np.ascontiguousarray(values)), k, dim=1, largest=False, sorted=False)[1].numpy()
 
 
 # -- candidate prices --------------------------------------------------------------------
@@ -147,21 +186,29 @@ def _sinkhorn_prices(values: np.ndarray, capacity: float, rounds: int) -> np.nda
 
     The temperature falls geometrically from the typical spread of a word's costs to 1/100
     of it (epsilon scaling): early rounds move prices fast, late ones sharpen the choices.
+    One exponential per entry and round: a target's load is the sum of the words'
+    probabilities, floored at the smallest normal float (a target no word wants still
+    lowers its price by a large step).
     """
-    x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    x = x - x.min(dim=1, keepdim=True).values  # a per-word constant: no price changes with it
-    spread = float(x.max(dim=1).values.median())
-    price = torch.zeros(x.shape[1], dtype=torch.float32)
+    x = np.array(values, dtype=np.float32)
+    x -= x.min(axis=1, keepdims=True)  # a per-word constant: no price changes with it
+    spread = float(np.median(x.max(axis=1)))
+    price = np.zeros(x.shape[1], dtype=np.float32)
     if spread <= 0:
-        return price.numpy()
+        return price
     log_capacity = math.log(capacity)
+    tiny = np.finfo(np.float32).tiny
+    p = np.empty_like(x)
     for tau in np.geomspace(spread, spread / 100, rounds).tolist():
-        logits = (x + price).mul_(-1.0 / tau)
-        logits -= torch.logsumexp(logits, dim=1, keepdim=True)  # each word spends one unit
-        load = torch.logsumexp(logits, dim=0)  # log of the words each target gets
-        price += tau * (load - log_capacity)
+        np.add(x, price, out=p)
+        p *= np.float32(-1.0 / tau)
+        p -= p.max(axis=1, keepdims=True)
+        np.exp(p, out=p)
+        p /= p.sum(axis=1, keepdims=True)  # each word spends one unit
+        load = np.log(np.maximum(p.sum(axis=0), tiny))  # log of the words each target gets
+        price += np.float32(tau) * (load - np.float32(log_capacity))
         price -= price.min()
-    return price.numpy()
+    return price
 
 
 # -- integer costs and the OR-Tools solvers ----------------------------------------------

@@ -29,6 +29,7 @@ from pipeline.checkpoint import (
     make_schedule,
     model_from_checkpoint,
 )
+from pipeline.cost_pass import run_cost_pass
 from pipeline.dataset import TokenDataset, open_dataset
 from pipeline.layout import PipelineError, RunRoot
 from pipeline.mlflow_model import log_pyfunc_model
@@ -186,25 +187,40 @@ def train_phase(
 
 
 def accumulate_costs(ctx: StageContext, phase: int, trained: TrainOutput) -> tuple[CostsOutput, Metrics]:
-    """Per-word head-input sums of the phase's model over the train blocks, in Ray tasks."""
-    out = storage.join(ctx.root.costs(phase), "head_inputs.npz")
+    """Per-word head-input sums of the phase's model over the train blocks, sharded by word range
+    across Ray Train workers (`pipeline.cost_pass`), on the phase's devices."""
+    out = ctx.root.costs(phase)
     t = ctx.config.train
-    parts = ctx.options.cost_tasks or ctx.options.workers
-    info = tasks.accumulate_costs(
-        trained.checkpoint, ctx.root.data, parts, t.batch_size, t.bptt, ctx.config.realloc.cost_tokens, out
+    workers = ctx.options.cost_tasks or ctx.options.workers
+    info = run_cost_pass(
+        trained.checkpoint,
+        ctx.root.data,
+        out,
+        workers,
+        ctx.options.use_gpu,
+        t.batch_size,
+        t.bptt,
+        ctx.config.realloc.cost_tokens,
     )
-    print(f"[costs] {info['tokens']:,} targets, {info['words_seen']:,} distinct words, {parts} Ray tasks", flush=True)
-    return CostsOutput(out), {k: float(v) for k, v in info.items()}
+    print(
+        f"[costs] {info['tokens']:,} targets, {info['words_seen']:,} distinct words, {workers} worker(s), "
+        f"{info['sums_mb_per_worker']:,.0f} MB of sums per worker",
+        flush=True,
+    )
+    return CostsOutput(out), {k: float(v) for k, v in info.items() if isinstance(v, int | float)}
 
 
 def reallocate(
     ctx: StageContext, phase: int, trained: TrainOutput, costs: CostsOutput
 ) -> tuple[ReallocOutput, Metrics]:
-    """The next phase's word table: the matching solved in one Ray task."""
+    """The next phase's word table: the matching solved in one Ray task from the cost pass's shards."""
     out = ctx.root.allocation(phase + 1)
     realloc = ctx.config.realloc
     vocab_size = int(open_dataset(ctx.root.data).manifest["vocab"]["size"])
-    stats = tasks.reallocate(trained.checkpoint, costs.head_inputs, realloc, ctx.config.resources, vocab_size, out)
+    hidden = ctx.config.model.hidden_dim
+    stats = tasks.reallocate(
+        trained.checkpoint, costs.head_inputs, realloc, ctx.config.resources, vocab_size, hidden, out
+    )
     print(
         f"[realloc] {stats['words_moved']:,} words moved; cost {stats['cost_before']:.6g} -> "
         f"{stats['cost_after']:.6g} in {stats['seconds']:.1f}s ({realloc.method})",
