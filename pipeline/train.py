@@ -44,6 +44,8 @@ class ProgressCallback(ray.train.UserCallback):
         )
         if "valid_ppl" in m:
             line += f" valid ppl {m['valid_ppl']:.2f}"
+        if "test_ppl" in m:
+            line += f" test ppl {m['test_ppl']:.2f}"
         if checkpoint is not None:
             line += " [checkpoint]"
         print(line, flush=True)

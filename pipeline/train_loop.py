@@ -249,6 +249,7 @@ class MetricLogger:
         "lr": "lr",
         "words_per_s": "words_per_s",
         "valid_ppl": "valid_ppl",
+        "test_ppl": "test_ppl",
         "epoch": "epoch",
     }
 
