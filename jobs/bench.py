@@ -7,6 +7,7 @@ run, so ratios are meaningful on a noisy machine.
     python -m jobs.bench size --vocab 10000000 --embed 1000 --hidden 1000 --layers 1 --json
     python -m jobs.bench step --vocab 1000000 --hidden 256 --models lightrnn,full,adaptive --json
     python -m jobs.bench realloc --vocab 1000000 --k 10 --method exact --json
+    python -m jobs.bench costs --vocab 1000000 --hidden 256 --workers 2 --solve --json
     python -m jobs.bench infer --vocab 100000,1000000 --json
     python -m jobs.bench train --workers 2 --vocab 1000000 --hidden 64 --json
     python -m jobs.bench gpu-smoke --json    # on a machine with 2+ GPUs
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "size": "jobs.bench_size",
     "step": "jobs.bench_step",
     "realloc": "jobs.bench_realloc",
+    "costs": "jobs.bench_costs",
     "ingest": "jobs.bench_ingest",
     "train": "jobs.bench_train",
     "infer": "jobs.bench_infer",

@@ -29,6 +29,7 @@ import scipy.optimize
 
 from lightrnn.allocation import Allocation, table_shape
 from lightrnn.realloc import (
+    AUTO_EXACT_WORDS,
     DEFAULT_K,
     DEFAULT_PRICE_ROUNDS,
     METHODS,
@@ -113,7 +114,7 @@ def _run_method(
     current = Allocation.random(vocab, seed)
     inputs_mb = _current_rss_mb()
     mapper = None
-    if cpus > 1 and method == "two_stage":
+    if cpus > 1 and (method == "two_stage" or (method == "auto" and vocab > AUTO_EXACT_WORDS)):
         import ray
 
         from pipeline.tasks import RayMapper
@@ -195,8 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
-        default="exact",
-        help=f"one of {', '.join(METHODS)}, a comma list, or 'all' (exact,two_stage)",
+        default="auto",
+        help=f"one of {', '.join(METHODS)}, a comma list, or 'all' (exact,two_stage); auto: exact up to "
+        f"{AUTO_EXACT_WORDS:,} words, else two_stage",
     )
     parser.add_argument(
         "--cpus", type=int, default=1, help="two_stage: CPUs of a local Ray instance running its parallel work"

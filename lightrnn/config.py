@@ -124,14 +124,14 @@ def replace_fields(config: C, overrides: dict[str, str]) -> C:
     return dataclasses.replace(config, **parsed)  # type: ignore[type-var]
 
 
-REALLOC_METHODS = ("exact", "two_stage", "dense")
+REALLOC_METHODS = ("auto", "exact", "two_stage", "dense")
 INITIAL_ALLOCATIONS = ("random", "frequency")
 
 
 @dataclass(frozen=True)
 class ReallocConfig:
     rounds: int = 0  # reallocations between training phases; the budget is split into rounds + 1 phases
-    method: str = "exact"  # one of REALLOC_METHODS, see lightrnn.realloc
+    method: str = "auto"  # one of REALLOC_METHODS, see lightrnn.realloc (auto: exact up to 250k words)
     k: int = 10  # candidate rows x candidate columns per word (docs/design.md, "Reallocation")
     cost_tokens: int = 0  # targets read by the cost pass; 0 = the whole training stream
     # reallocations are spread evenly over the first `span` of the budget: a moved word's input

@@ -62,7 +62,10 @@ __all__ = [
     "solve_reallocation",
 ]
 
-METHODS = ("exact", "two_stage", "dense")
+METHODS = ("auto", "exact", "two_stage", "dense")
+# "auto" solves exactly up to this many words and with two_stage above: at 250k words exact
+# takes about as long as two_stage does at 1M (docs/results.md, "Reallocation solver")
+AUTO_EXACT_WORDS = 250_000
 DEFAULT_K = 10  # candidate rows and columns per word (docs/design.md, "Reallocation")
 # exact keeps every cell of a word's k x k grid while the graph stays under ARC_BUDGET arcs
 # (V = 10k: all 100), and otherwise the word's ARC_BUDGET // V cheapest cells by priced cost,
@@ -207,8 +210,9 @@ def solve_reallocation(
     row_cost: (V, R) array A, or a callable costs(start, stop) -> (A_block, B_block) (then
         col_cost=None) so that V x R is never materialised.
     col_cost: (V, C) array B, or None with a callable row_cost.
-    method: "exact" (sparse candidate graph), "two_stage" (rows, then columns per row) or
-        "dense" (full matrix, small V only).
+    method: "exact" (sparse candidate graph), "two_stage" (rows, then columns per row),
+        "dense" (full matrix, small V only) or "auto" (exact up to AUTO_EXACT_WORDS words,
+        two_stage above).
     k: candidate rows and columns per word (exact: a k x k grid; two_stage: k rows).
     cells_per_word: exact keeps this many cells of the grid (None: all k^2; "auto": all while
         V x k^2 <= ARC_BUDGET, else ARC_BUDGET // V of them, at least DEFAULT_CELLS_PER_WORD).
@@ -232,6 +236,8 @@ def solve_reallocation(
     _check_int("price_rounds", price_rounds, 0, "steps setting candidate prices; 0 for none")
     costs = _cost_blocks(row_cost, col_cost, current)
     block_size = _block_size(block_size, current)
+    if method == "auto":
+        method = "exact" if current.vocab_size <= AUTO_EXACT_WORDS else "two_stage"
     if method == "exact":
         args = (int(k), cells_per_word, int(price_rounds), keep_empty_cells, cost_scale, block_size)
         solution = solve_exact(costs, current, *args)

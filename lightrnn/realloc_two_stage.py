@@ -42,6 +42,7 @@ from lightrnn.realloc_common import (
 
 EXACT_ARCS = 1 << 21  # stage 1 arcs matched by min-cost flow (the rest of the words go greedily)
 COLUMNS_PER_WORD = 64  # stage 2 candidate columns per word, besides its greedy one
+_LEFTOVER_WORDS = 1 << 14  # words whose full cost rows are read at once (stage 1 leftovers, stage 2 fallbacks)
 _SPAN_WORDS = 1 << 17  # words per task of the candidate pass (it reads them block by block)
 _GROUP_ENTRIES = 1 << 24  # candidate arcs per stage-2 task (its words x (m + 1))
 
@@ -195,7 +196,7 @@ def _assign_rows(
 def _place_leftovers(a: np.ndarray, row_price: np.ndarray, room: np.ndarray, k: int) -> np.ndarray:
     """Rows for words whose candidate rows all filled: their cheapest rows among those with room.
 
-    a: (n, R) their row costs, by priority. Returns (n,) rows."""
+    a: (n, R) their row costs, by priority; room is updated in place. Returns (n,) rows."""
     priced = np.where(room > 0, a + row_price, np.inf)
     choices = k_smallest(priced, min(k, priced.shape[1]))
     taken, left = greedy_rounds(choices, np.take_along_axis(priced, choices, axis=1), room)
@@ -204,6 +205,7 @@ def _place_leftovers(a: np.ndarray, row_price: np.ndarray, room: np.ndarray, k: 
         open_rows = open_rows[np.argsort(row_price[open_rows], kind="stable")]
         slots = np.repeat(open_rows, room[open_rows])
         taken[left] = slots[: left.size]
+        np.subtract.at(room, taken[left], 1)
     return taken
 
 
@@ -299,11 +301,11 @@ def solve_two_stage(
     row_part = row_cost[np.arange(V), np.argmax(rows == new_row[:, None], axis=1)]
     current_row_part = row_cost[:, -1]
     del rows, row_cost
-    if left.size:
-        a = costs_of_words(costs, left, current, block_size, 0)
-        room = C - np.bincount(new_row[new_row >= 0], minlength=R)
-        new_row[left] = _place_leftovers(a, row_price, room, k_rows)
-        row_part[left] = a[np.arange(left.size), new_row[left]]
+    room = C - np.bincount(new_row[new_row >= 0], minlength=R)
+    for chunk in np.array_split(left, -(-left.size // _LEFTOVER_WORDS)) if left.size else []:
+        a = costs_of_words(costs, chunk, current, block_size, 0)  # (chunk, R): a chunk at a time
+        new_row[chunk] = _place_leftovers(a, row_price, room, k_rows)
+        row_part[chunk] = a[np.arange(chunk.size), new_row[chunk]]
     # stage 2: rows in groups of about _GROUP_ENTRIES candidate arcs
     order = np.argsort(new_row, kind="stable")
     bounds = np.searchsorted(new_row[order], np.arange(R + 1))
@@ -322,9 +324,9 @@ def solve_two_stage(
         new_col[words], col_part[words] = group_cols, at_new
         seconds += row_seconds
     outside = np.flatnonzero(np.isnan(col_part))  # words on a column outside their candidates
-    if outside.size:
-        b = costs_of_words(costs, outside, current, block_size, 1)
-        col_part[outside] = b[np.arange(outside.size), new_col[outside]]
+    for chunk in np.array_split(outside, -(-outside.size // _LEFTOVER_WORDS)) if outside.size else []:
+        b = costs_of_words(costs, chunk, current, block_size, 1)
+        col_part[chunk] = b[np.arange(chunk.size), new_col[chunk]]
     solver = "ortools_min_cost_flow+greedy+ortools_linear_sum_assignment"
     current_cost = current_row_part + current_col_part
     return Solution(new_row * C + new_col, current_cost, row_part + col_part, solver, arcs, scale, seconds)

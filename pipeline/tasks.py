@@ -23,7 +23,7 @@ import torch
 
 from lightrnn.config import ReallocConfig, from_dict
 from lightrnn.model import LightRNN
-from lightrnn.realloc import solve_reallocation
+from lightrnn.realloc import AUTO_EXACT_WORDS, solve_reallocation
 from lightrnn.train import evaluate
 from pipeline import storage
 from pipeline.checkpoint import model_from_checkpoint
@@ -72,6 +72,8 @@ def task_memory_bytes(vocab_size: int, hidden: int, method: str, resources: Reso
     times V plus its cost blocks (two sums of H floats and R + C costs per word of a block)."""
     if resources.realloc_memory_mb:
         return resources.realloc_memory_mb * 2**20
+    if method == "auto":
+        method = "exact" if vocab_size <= AUTO_EXACT_WORDS else "two_stage"
     side = int(np.ceil(np.sqrt(vocab_size)))
     blocks = 2 * _BLOCK_WORDS * (2 * hidden + 2 * side) * 4
     return max(512 * 2**20, vocab_size * SOLVE_BYTES_PER_WORD.get(method, 2_000) + blocks + 256 * 2**20)

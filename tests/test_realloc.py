@@ -235,6 +235,20 @@ def test_stats_as_dict() -> None:
     assert d["method"] == "exact" and d["num_candidate_arcs"] > 0 and d["seconds"] >= 0
 
 
+def test_auto_is_exact_up_to_its_threshold_then_two_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightrnn.realloc as realloc_module
+
+    a, b = random_costs(50, seed=1)
+    current = Allocation.random(50, seed=2)
+    exact, stats = solve_reallocation(a, b, current, method="auto")
+    assert stats.method == "exact"
+    assert np.array_equal(exact.cell_of, solve_reallocation(a, b, current, method="exact")[0].cell_of)
+    monkeypatch.setattr(realloc_module, "AUTO_EXACT_WORDS", 49)
+    two_stage, stats = solve_reallocation(a, b, current, method="auto")
+    assert stats.method == "two_stage"
+    assert np.array_equal(two_stage.cell_of, solve_reallocation(a, b, current, method="two_stage")[0].cell_of)
+
+
 # -- refused input -------------------------------------------------------------------------
 
 
@@ -271,7 +285,7 @@ def test_non_finite_costs_are_refused_naming_the_word(bad: float, method: str) -
 def test_bad_method_and_parameters_are_refused() -> None:
     a, b = random_costs(10, seed=0)
     current = Allocation.random(10)
-    with pytest.raises(ValueError, match="method must be one of exact, two_stage, dense; got 'hungarian'"):
+    with pytest.raises(ValueError, match="method must be one of auto, exact, two_stage, dense; got 'hungarian'"):
         solve_reallocation(a, b, current, method="hungarian")
     with pytest.raises(ValueError, match=r"k \(candidate rows and columns per word\) must be an integer >= 1, got 0"):
         solve_reallocation(a, b, current, k=0)
