@@ -40,7 +40,7 @@ def test_random_allocation_is_a_bijection_onto_cells(vocab: int) -> None:
 def test_frequency_ordered_puts_frequent_words_first() -> None:
     counts = np.array([5, 100, 7, 100, 1, 50])
     alloc = Allocation.frequency_ordered(counts)
-    assert alloc.num_rows, alloc.num_cols == (3, 2)
+    assert (alloc.num_rows, alloc.num_cols) == (3, 2)
     # rank by count desc, ties by id: 1, 3, 5, 2, 0, 4 -> cells 0..5 row-major
     assert alloc.cell_of.tolist() == [4, 0, 3, 1, 5, 2]
 

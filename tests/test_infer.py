@@ -10,6 +10,8 @@ from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig
 from lightrnn.corpus import count_words, encode_file
 from lightrnn.infer import (
+    BOUND_SLACK,
+    FIRST_BLOCK,
     generate,
     sample_next_words,
     score_lines,
@@ -51,12 +53,35 @@ def test_exact_topk_equals_brute_force_topk(vocab: int, seed: int) -> None:
         assert (top.word_ids >= 0).all()  # never an empty cell
 
 
-def test_topk_visits_few_rows_of_a_peaked_model_and_all_of_a_flat_one() -> None:
+def rows_the_bound_needs(model: LightRNN, tokens_BT: torch.Tensor, k: int) -> list[int]:
+    """Per context, the first block end (8, 24, 56, ... rows by row probability) after which no
+    unvisited row can hold a top-k word: its row log-probability is at most the k-th best so far."""
+    log_probs_BV, _ = model.next_word_log_probs(tokens_BT)
+    row_logp_BR, _ = model.row_log_probs(tokens_BT)
+    R = row_logp_BR.shape[1]
+    ends, end, block = [], 0, FIRST_BLOCK
+    while end < R:
+        end, block = min(end + block, R), block * 2
+        ends.append(end)
+    needed = []
+    for logp_V, row_logp_R in zip(log_probs_BV, row_logp_BR, strict=True):
+        order_R = row_logp_R.argsort(descending=True)
+        for end in ends:
+            seen_V = torch.isin(model.row_of, order_R[:end])
+            kth = logp_V[seen_V].topk(k).values[-1]
+            if end == R or row_logp_R[order_R[end]] + BOUND_SLACK <= kth:
+                needed.append(end)
+                break
+    return needed
+
+
+def test_topk_visits_exactly_the_rows_the_bound_needs() -> None:
     tokens = torch.randint(0, 1001, (8, 4), generator=torch.Generator().manual_seed(0))
-    peaked = topk_next_words(peaked_lightrnn(1001, 1, sharpness=8.0), tokens, 10)
-    flat = topk_next_words(peaked_lightrnn(1001, 1, sharpness=0.0), tokens, 10)
-    assert peaked.rows_visited.max() < 32  # of 32 rows
-    assert (flat.rows_visited == 32).all()
+    for sharpness, most in ((8.0, 8), (4.0, 24), (0.0, 32)):  # of 32 rows: a flat model visits all
+        model = peaked_lightrnn(1001, 1, sharpness=sharpness)
+        top = topk_next_words(model, tokens, 10)
+        assert top.rows_visited.tolist() == rows_the_bound_needs(model, tokens, 10), sharpness
+        assert top.rows_visited.max() <= most, sharpness
 
 
 def test_topk_of_an_oversized_table_skips_empty_rows() -> None:
