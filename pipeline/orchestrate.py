@@ -5,7 +5,9 @@
 `Pipeline.run` runs the stages of `pipeline.stages` in that order, each inside a nested
 MLflow run under one parent, and commits each under the run root (`pipeline.layout`). A
 committed stage is skipped on a re-run and hands on its recorded output; an interrupted
-one runs again (a training phase continues from its latest checkpoint).
+one runs again (a training phase continues from its latest checkpoint). Run with `until`,
+it stops after that stage: a scheduler runs each stage as a job of its own, in order, by
+running the same pipeline with `until` set to each name of `stage_names` in turn.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pipeline.stages import (
 )
 from pipeline.tracking import Tracker, default_tracking_uri, ui_command
 
-__all__ = ["Pipeline", "PipelineError", "PipelineOptions", "run_pipeline", "stage_names"]
+__all__ = ["Pipeline", "PipelineError", "PipelineOptions", "check_stage", "run_pipeline", "stage_names"]
 
 Output = TypeVar("Output")
 
@@ -49,13 +51,24 @@ _PARENT_METRICS = {
 _PARENT_NAMES = {"realloc_seconds": "realloc_solve_seconds"}
 
 
+class UntilStageReachedError(Exception):
+    """The run reached its `until` stage; the stages after it are left for a later run."""
+
+
 def stage_names(config: RunConfig) -> list[str]:
+    """The stages of `config`, in the order they run."""
     names = ["data"]
     for k in range(config.rounds + 1):
         names.append(f"train-{k}")
         if k < config.rounds:
             names += [f"costs-{k}", f"realloc-{k}"]
     return [*names, "evaluate", "export"]
+
+
+def check_stage(config: RunConfig, stage: str) -> None:
+    """Raise ValueError unless `stage` is one of `config`'s stages."""
+    if stage not in stage_names(config):
+        raise ValueError(f"{config.name} has no stage {stage!r}; its stages: {', '.join(stage_names(config))}")
 
 
 class Pipeline:
@@ -66,8 +79,13 @@ class Pipeline:
         self.config = config
         self.metrics: dict[str, Metrics] = {}  # per stage, this run's or the commit's
         self.tracker: Tracker | None = None
+        self.until = ""
 
-    def run(self) -> dict[str, Any]:
+    def run(self, until: str = "") -> dict[str, Any]:
+        """Run (or finish) every stage, or the stages up to and including `until`; returns the summary."""
+        if until:
+            check_stage(self.config, until)
+        self.until = "" if until == stage_names(self.config)[-1] else until  # up to the last stage: the whole run
         # the schedule (steps per epoch, phase bounds) depends on the worker count too
         state = self.root.check({**self.config.flat(MODEL_SECTIONS), "workers": self.options.workers})
         tracker = self.tracker = Tracker(self.tracking_uri, self.options.experiment)
@@ -87,6 +105,10 @@ class Pipeline:
         )
         try:
             exported = self._stages()
+        except UntilStageReachedError:
+            # the parent run ends with this job; the next job's run resumes it (Tracker.start_parent)
+            tracker.finish()
+            return self.progress()
         except BaseException:
             tracker.finish("FAILED")
             raise
@@ -117,7 +139,15 @@ class Pipeline:
         if record is not None:
             print(f"[skip] {name}: committed {record['finished']}", flush=True)
             self.metrics[name] = record["metrics"]
-            return from_dict(output, record["outputs"])
+            result = from_dict(output, record["outputs"])
+        else:
+            result = self._run_stage(name, run)
+        if name == self.until:
+            raise UntilStageReachedError(name)
+        return result
+
+    def _run_stage(self, name: str, run: Callable[[StageContext], tuple[Output, Metrics]]) -> Output:
+        """Run `name` in its MLflow run and commit it."""
         assert self.tracker is not None
         print(f"[stage] {name}", flush=True)
         started = time.perf_counter()
@@ -148,14 +178,25 @@ class Pipeline:
         chosen = {_PARENT_NAMES.get(prefix + k, prefix + k): metrics[k] for k in keep if k in metrics}
         self.tracker.log_metrics(self.tracker.parent_id, chosen, step=int(index) if index else 0)
 
-    def summary(self, exported: ExportOutput) -> dict[str, Any]:
-        rounds = self.config.rounds
-        evaluation = self.metrics["evaluate"]
-        phases = [self.metrics[f"train-{k}"] for k in range(rounds + 1)]
+    def progress(self) -> dict[str, Any]:
+        """Where the run stands: its root, the stages committed so far, and its MLflow run."""
         return {
             "config": self.config.name,
             "model": self.config.model.kind,
             "root": self.root.uri,
+            "stages_done": [s for s in stage_names(self.config) if s in self.metrics],
+            "tracking_uri": self.tracking_uri,
+            "mlflow_run_id": self.tracker.parent_id if self.tracker else None,
+            "mlflow_ui": ui_command(self.tracking_uri, self.tracker.experiment_id) if self.tracker else "",
+        }
+
+    def summary(self, exported: ExportOutput) -> dict[str, Any]:
+        """The finished run's results, besides its `progress`."""
+        rounds = self.config.rounds
+        evaluation = self.metrics["evaluate"]
+        phases = [self.metrics[f"train-{k}"] for k in range(rounds + 1)]
+        return {
+            **self.progress(),
             "test_ppl": evaluation.get("test_ppl"),
             "valid_ppl": evaluation.get("valid_ppl"),
             "valid_ppl_per_phase": [p.get("valid_ppl") for p in phases],
@@ -164,12 +205,10 @@ class Pipeline:
             "export": exported.model,
             "export_int8": exported.model_int8,
             "mlflow_model": exported.mlflow_model,
-            "tracking_uri": self.tracking_uri,
-            "mlflow_run_id": self.tracker.parent_id if self.tracker else None,
-            "mlflow_ui": ui_command(self.tracking_uri, self.tracker.experiment_id) if self.tracker else "",
         }
 
 
-def run_pipeline(config: RunConfig, options: PipelineOptions) -> dict[str, Any]:
-    """Run (or finish) the pipeline for `config` under `options.root`; Ray must be initialised."""
-    return Pipeline(config, options).run()
+def run_pipeline(config: RunConfig, options: PipelineOptions, until: str = "") -> dict[str, Any]:
+    """Run (or finish) the pipeline for `config` under `options.root`, all of it or up to and
+    including stage `until`; Ray must be initialised."""
+    return Pipeline(config, options).run(until)

@@ -3,7 +3,10 @@
 `infra/local/stack.py up` starts the three servers on 127.0.0.1; every job goes through
 `ray job submit --working-dir <repo>` to the head's HTTP address, exactly as on a cluster;
 results are checked where they land (boto3 on the bucket, MLflow's REST API); `down` must
-leave no process of the stack behind. About 4 minutes on 2 busy cores (the whole pipeline ~3 of them).
+leave no process of the stack behind. The whole pipeline runs as the Argo Workflow
+(infra/argo/) runs it: its plan step lists the `tiny` configuration's stages, then each stage
+is a Ray job of its own, in order, with MLflow's address in the jobs' environment. The
+slowest file of the suite, and those seven jobs most of its time (`--durations=5` shows it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +28,11 @@ from typing import Any
 import boto3
 import mlflow
 import pytest
+from infra_render import run_script_here, run_workflow
 from ray.job_submission import JobStatus, JobSubmissionClient
+
+from jobs.configs import get_preset
+from pipeline.orchestrate import stage_names
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_PY = REPO / "infra" / "local" / "stack.py"
@@ -75,14 +83,21 @@ def _job_env(state: dict[str, Any]) -> dict[str, str]:
     return {**stack_lib.DUMMY_AWS, "AWS_ENDPOINT_URL": state["s3"], "OMP_NUM_THREADS": "1"}
 
 
-def submit(state: dict[str, Any], entrypoint: list[str], submission_id: str, wait: bool = True) -> str:
-    """`ray job submit` to the head's HTTP address; returns the CLI output (logs when waiting)."""
+def submit(
+    state: dict[str, Any],
+    entrypoint: list[str],
+    submission_id: str,
+    wait: bool = True,
+    env: dict[str, str] | None = None,
+) -> str:
+    """`ray job submit` to the head's HTTP address, with `env` in the job's environment besides
+    the storage settings; returns the CLI output (logs when waiting)."""
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", state["ray_dashboard"],
         "--submission-id", submission_id,
         "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"env_vars": _job_env(state)}),
+        "--runtime-env-json", json.dumps({"env_vars": {**_job_env(state), **(env or {})}}),
         *([] if wait else ["--no-wait"]),
         "--", *entrypoint,
     ]  # fmt: skip
@@ -220,28 +235,52 @@ def test_job_stop_ends_the_training_job(stack: dict[str, Any], prepared: str) ->
     assert not drivers, "the stopped job's driver is still running"
 
 
-def test_pipeline_job_end_to_end(stack: dict[str, Any]) -> None:
-    if not (REPO / "jobs" / "pipeline.py").exists():
-        pytest.fail("jobs/pipeline.py does not exist yet: the whole-pipeline job is what this test submits")
+def test_workflow_runs_each_stage_as_a_job_with_mlflow_from_the_environment(stack: dict[str, Any]) -> None:
     root_key = "runs/tiny"
     root = f"s3://{stack['bucket']}/{root_key}"
     experiment = "e2e-tiny"
-    submit(
-        stack,
-        ["python", "-m", "jobs.pipeline", "--config", "tiny", "--root", root, "--tracking-uri", stack["mlflow"],
-         "--experiment", experiment, "--s3-endpoint", stack["s3"], "--workers", "1"],
-        "pipeline-tiny",
-    )  # fmt: skip
+    # the Workflow's parameters for `tiny`: its corpus (relative paths resolve in the job's
+    # working directory, the uploaded checkout) and one CPU worker
+    parameters = {
+        "root": root,
+        "config": "tiny",
+        "train": "data/ptb/ptb.valid.txt",
+        "valid": "data/ptb/ptb.test.txt",
+        "test": "data/ptb/ptb.test.txt",
+        "pipeline-options": "--workers 1",
+    }
+    # the plan step runs here; each RayJob's entrypoint goes to the head with `ray job submit`
+    workflow = run_workflow(parameters, run_script_here)
+    stages = stage_names(get_preset("tiny"))
+    assert [json.loads(printed) for _, _, printed in workflow.scripts] == [stages]
+    # MLflow's settings reach the jobs as on the cluster, through their environment (there: the ConfigMap)
+    mlflow_env = {"MLFLOW_TRACKING_URI": stack["mlflow"], "MLFLOW_EXPERIMENT_NAME": experiment}
+    outputs = {}
+    for _, _, job in workflow.rayjobs:
+        words = shlex.split(job["spec"]["entrypoint"])
+        assert "--tracking-uri" not in words and "--experiment" not in words, words
+        stage = words[words.index("--until") + 1]
+        outputs[stage] = submit(stack, words, f"workflow-{stage}", env=mlflow_env)
+    assert list(outputs) == stages
+    for i, stage in enumerate(stages):  # each job runs its own stage, after the committed ones
+        output = outputs[stage]
+        assert f"[stage] {stage}\n" in output, output[-3000:]
+        assert all(f"[skip] {earlier}:" in output for earlier in stages[:i]), output[-3000:]
+        assert not any(f"[stage] {later}\n" in output for later in stages[i + 1 :]), output[-3000:]
+    assert "test ppl" in outputs["export"], outputs["export"][-3000:]
     keys = s3_keys(stack, root_key + "/")
     assert f"{root_key}/data/manifest.json" in keys, keys[:50]
     assert any(k.startswith(f"{root_key}/train/") and "/checkpoint_" in k for k in keys), keys[:50]
+    assert {f"{root_key}/stages/{stage}.json" for stage in stages} <= set(keys), keys[:50]
 
+    # one MLflow parent run for the seven jobs, with one nested run per stage
     runs = runs_of(stack, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in tags(r)]
     assert len(parents) == 1, [r["info"]["run_name"] for r in runs]
     parent_id = parents[0]["info"]["run_id"]
     children = [r for r in runs if tags(r).get("mlflow.parentRunId") == parent_id]
-    assert children, "no nested (stage) runs under the pipeline run"
+    assert sorted(r["info"]["run_name"] for r in children) == sorted(stages)
+    assert len(runs) == 1 + len(stages), [r["info"]["run_name"] for r in runs]
     assert all(r["info"]["status"] == "FINISHED" for r in runs), [
         (r["info"]["run_name"], r["info"]["status"]) for r in runs
     ]
