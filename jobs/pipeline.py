@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per training worker: NCCL and bf16 autocast")
     p.add_argument("--checkpoint-every", type=int, default=PipelineOptions.checkpoint_every, help="steps")
     p.add_argument("--max-failures", type=int, default=PipelineOptions.max_failures, help="worker-group restarts")
-    p.add_argument("--cost-tasks", type=int, default=0, help="Ray tasks in each cost pass (default: --workers)")
+    p.add_argument("--cost-tasks", type=int, default=0, help="Ray Train workers of each cost pass (default: --workers)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL for every stage)")
     p.add_argument("--until", default="", metavar="STAGE", help="stop after this stage (see --list-stages)")
     p.add_argument("--list-stages", action="store_true", help="print the stages as a JSON list and exit")

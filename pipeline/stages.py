@@ -52,7 +52,7 @@ class PipelineOptions:
     experiment: str = "lightrnn"
     checkpoint_every: int = 200
     max_failures: int = 1
-    cost_tasks: int = 0  # Ray tasks in the cost pass; 0 = one per worker
+    cost_tasks: int = 0  # Ray Train workers of the cost pass; 0 = the training workers
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.cost_tasks < 0:
