@@ -27,7 +27,9 @@ def test_train_local_tiny_trains_reports_and_saves(tmp_path) -> None:
     proc = run_job("jobs.train_local", "--config", "tiny", "--out", str(tmp_path / "model"), "--json")
     result = last_json(proc)
     assert result["model"] == "lightrnn" and result["steps"] == 40
-    assert 1 < result["test_ppl"] < 6022 and result["test_tokens"] == 82_430
+    # the fixed-seed figure of this 40-step run, within 5% for other BLAS builds; after its first
+    # 20 steps (phase 0) it scores about 2,660 and a uniform guess 6,022
+    assert result["test_ppl"] == pytest.approx(892.0, rel=0.05) and result["test_tokens"] == 82_430
     assert "[done] lightrnn on tiny: test ppl" in proc.stdout
     model, vocab = load_model(tmp_path / "model")
     assert model.vocab_size == len(vocab) == 6022
