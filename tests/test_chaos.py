@@ -1,0 +1,47 @@
+"""The fault drill, run as a user runs it: SIGKILLs at fixed-seed moments, then the finished run
+compared with an uninterrupted one (`jobs.chaos`)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+from conftest import REPO
+
+from jobs.chaos import Attempt, draw_kill_points, event_key
+
+
+def test_kill_points_cover_the_unsafe_moments_in_run_order() -> None:
+    lines = ["[stage] data", "[stage] train-0", "[train] phase 0: steps 0..40 of 80"]
+    lines += [f"[train] step {s:>6}/80 epoch 0.10 loss 7.000" for s in (10, 20, 30, 40)]
+    lines += ["[stage] costs-0", "[stage] realloc-0", "[stage] train-1", "[stage] evaluate", "[stage] export"]
+    reference = Attempt(lines=[(float(i), line) for i, line in enumerate(lines)], returncode=0, seconds=len(lines))
+    points = draw_kill_points(reference, 6, random.Random(0))
+    events = [event_key(line) for line in lines]
+    assert [p.event for p in points] == sorted(p.event for p in points)
+    whys = {p.why: events[p.event] for p in points}
+    assert set(whys) == {"checkpoint", "cost pass", "solve", "export", "random"}
+    assert whys["cost pass"] == "[stage] costs-0" and whys["solve"] == "[stage] realloc-0"
+    assert whys["export"] == "[stage] export" and whys["checkpoint"].startswith("[train] step")
+    assert all(0 <= p.delay_s < 1 for p in points)  # within the gap to the next line
+    assert event_key("[train] step     20/80 epoch 0.50 loss 6.123 ppl 456") == "[train] step 20"
+
+
+def test_drill_with_two_kills_ends_equal_to_the_uninterrupted_run(tmp_path) -> None:
+    command = [sys.executable, "-m", "jobs.chaos", "--config", "tiny", "--root", str(tmp_path / "drill")]
+    proc = subprocess.run(
+        [*command, "--kills", "2", "--seed", "3", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [k["outcome"] for k in result["kills"]] == ["killed", "killed"], result["kills"]
+    checks = {c["what"]: c for c in result["checks"]}
+    assert set(checks) == {"allocation", "export weights", "test ppl", "MLflow runs"}
+    assert all(c["ok"] for c in checks.values()) and checks["MLflow runs"]["drill"] == "ok", checks
