@@ -186,7 +186,12 @@ def event_key(line: str) -> str:
 
 
 def event_lines(attempt: Attempt) -> list[tuple[float, str]]:
-    return [(t, event_key(line)) for t, line in attempt.lines if EVENT.match(line)]
+    """The attempt's `[stage]` and `[train]` lines as kill points, each once (a retried stage prints again)."""
+    seen: dict[str, float] = {}
+    for t, line in attempt.lines:
+        if EVENT.match(line):
+            seen.setdefault(event_key(line), t)
+    return [(t, key) for key, t in seen.items()]
 
 
 def draw_kill_points(reference: Attempt, kills: int, rng: random.Random) -> list[KillPoint]:
@@ -336,10 +341,15 @@ def drill(args: argparse.Namespace, config: Any, root: str, log: Path, ray_addre
     def until_done(command: list[str], events: list[str] | None = None, point: KillPoint | None = None) -> Attempt:
         """Run `command`; an attempt that fails unkilled (say, Ray timing out at start-up on a loaded
         machine) runs again, up to --max-failed-starts times in a row."""
+        earlier: list[tuple[float, str]] = []  # a retried run's lines, so the reference keeps every stage's
         for _ in range(args.max_failed_starts):
             attempt = run_attempt(command, log, ray_address, events, point)
             if attempt.killed_at or attempt.returncode == 0:
+                offset = earlier[-1][0] if earlier else 0.0
+                attempt.lines = earlier + [(t + offset, line) for t, line in attempt.lines]
                 return attempt
+            offset = earlier[-1][0] if earlier else 0.0
+            earlier += [(t + offset, line) for t, line in attempt.lines]
             failures[0] += 1
             print(f"[chaos] attempt exited {attempt.returncode} unkilled in {attempt.stage}; again", flush=True)
         raise RuntimeError(f"{args.max_failed_starts} attempts in a row failed; see {log}")
