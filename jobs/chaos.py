@@ -48,8 +48,10 @@ from pipeline.orchestrate import stage_names
 REPO = Path(__file__).resolve().parents[1]
 TAG = "LIGHTRNN_CHAOS_TAG"  # in the environment of every process an attempt starts, Ray's included
 EVENT = re.compile(r"^\[(stage|train)\] ")
-CHECKPOINT_EVERY = 10  # steps: a `tiny` phase of 40 steps takes 4 checkpoints, so kills land after some
+CHECKPOINT_EVERY = 10  # steps: each 20-step phase of `tiny` takes 2 checkpoints, so kills land after one
 STEP = re.compile(r"\bstep\s+(\d+)")
+RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+[^)]*\)(\x1b\[0m)? ")  # "(TrainController pid=7) "
+CHECKPOINTED = "[checkpoint]"  # ends a [train] report whose step wrote a checkpoint (pipeline.train)
 
 
 @dataclass
@@ -160,13 +162,19 @@ def run_attempt(
     with log.open("a", buffering=1) as out:  # line-buffered: the log can be followed
         out.write(f"\n=== {' '.join(command)}\n")
         proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=out, text=True, start_new_session=True
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # the [train] reports come from Ray's TrainController, on stderr
+            text=True,
+            start_new_session=True,
         )
         assert proc.stdout is not None
         order = {line: i for i, line in enumerate(events or [])}
         for line in proc.stdout:
             out.write(line)
-            line = line.rstrip("\n")
+            line = RAY_PREFIX.sub("", line.rstrip("\n"))
             attempt.lines.append((time.monotonic() - started, line))
             if point is not None and order.get(event_key(line), -1) >= point.event:
                 time.sleep(point.delay_s)
@@ -197,6 +205,7 @@ def event_lines(attempt: Attempt) -> list[tuple[float, str]]:
 def draw_kill_points(reference: Attempt, kills: int, rng: random.Random) -> list[KillPoint]:
     """`kills` points in run order: the unsafe moments first (checkpoint, cost pass, solve, export), then random."""
     events = event_lines(reference)
+    checkpointed = {event_key(line) for _, line in reference.lines if line.endswith(CHECKPOINTED)}
     if not events:
         raise RuntimeError("the reference run printed no [stage] or [train] lines")
 
@@ -204,12 +213,8 @@ def draw_kill_points(reference: Attempt, kills: int, rng: random.Random) -> list
         gap = (events[i + 1][0] if i + 1 < len(events) else reference.seconds) - events[i][0]
         return KillPoint(i, round(rng.uniform(0, max(gap, 0.0) * 0.9), 2), why)
 
-    def checkpointed(line: str) -> bool:
-        step = STEP.search(line)
-        return line.startswith("[train] ") and step is not None and int(step.group(1)) % CHECKPOINT_EVERY == 0
-
     wanted = {
-        "checkpoint": [i for i, (_, line) in enumerate(events) if checkpointed(line)],
+        "checkpoint": [i for i, (_, line) in enumerate(events) if line in checkpointed],
         "cost pass": [i for i, (_, line) in enumerate(events) if line.startswith("[stage] costs-")],
         "solve": [i for i, (_, line) in enumerate(events) if line.startswith("[stage] realloc-")],
         "export": [i for i, (_, line) in enumerate(events) if line == "[stage] export"],
@@ -362,8 +367,7 @@ def drill(args: argparse.Namespace, config: Any, root: str, log: Path, ray_addre
     table, resumed_phases, checkpoints_seen = [], set(), set()
     for n, point in enumerate(points, 1):
         attempt = until_done(drill_command, events, point)
-        phase_ckpt = [STEP.search(line) for _, line in attempt.lines if line.startswith("[train] ")]
-        if any(m and int(m.group(1)) % CHECKPOINT_EVERY == 0 for m in phase_ckpt):
+        if any(line.endswith(CHECKPOINTED) for _, line in attempt.lines):
             checkpoints_seen.add(attempt.stage)
         if attempt.killed_at and attempt.stage.startswith("train-") and attempt.stage in checkpoints_seen:
             resumed_phases.add(int(attempt.stage.split("-")[1]))

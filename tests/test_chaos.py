@@ -10,12 +10,12 @@ import sys
 
 from conftest import REPO
 
-from jobs.chaos import Attempt, draw_kill_points, event_key
+from jobs.chaos import RAY_PREFIX, Attempt, draw_kill_points, event_key
 
 
 def test_kill_points_cover_the_unsafe_moments_in_run_order() -> None:
     lines = ["[stage] data", "[stage] train-0", "[train] phase 0: steps 0..40 of 80"]
-    lines += [f"[train] step {s:>6}/80 epoch 0.10 loss 7.000" for s in (10, 20, 30, 40)]
+    lines += [f"[train] step {s:>6}/80 loss 7.0 [checkpoint]" for s in (10, 20)]
     lines += ["[stage] costs-0", "[stage] realloc-0", "[stage] train-1", "[stage] evaluate", "[stage] export"]
     reference = Attempt(lines=[(float(i), line) for i, line in enumerate(lines)], returncode=0, seconds=len(lines))
     points = draw_kill_points(reference, 6, random.Random(0))
@@ -27,6 +27,8 @@ def test_kill_points_cover_the_unsafe_moments_in_run_order() -> None:
     assert whys["export"] == "[stage] export" and whys["checkpoint"].startswith("[train] step")
     assert all(0 <= p.delay_s < 1 for p in points)  # within the gap to the next line
     assert event_key("[train] step     20/80 epoch 0.50 loss 6.123 ppl 456") == "[train] step 20"
+    ray_line = "\x1b[36m(TrainController pid=4358)\x1b[0m [train] step     10/40 loss 8.471 [checkpoint]"
+    assert RAY_PREFIX.sub("", ray_line) == "[train] step     10/40 loss 8.471 [checkpoint]"
 
 
 def test_drill_with_two_kills_ends_equal_to_the_uninterrupted_run(tmp_path) -> None:
