@@ -36,7 +36,7 @@ def test_training_stops_when_the_cpu_budget_is_spent_and_the_schedule_ends_with_
 def test_reallocation_is_paid_out_of_the_same_budget() -> None:
     phases = []
     realloc = ReallocConfig(rounds=2, span=1.0)
-    result = train_for_time(_model(), STREAM, TRAIN, realloc, 1.5, "wall", on_phase=phases.append)
+    result = train_for_time(_model(), STREAM, TRAIN, realloc, 1.5, "cpu", on_phase=phases.append)
     assert [p.realloc is not None for p in result.phases] == [True, True, False]
     assert phases == result.phases
     assert result.realloc_seconds > 0
