@@ -42,6 +42,7 @@ from lightrnn.realloc_common import (
 
 EXACT_ARCS = 1 << 21  # stage 1 arcs matched by min-cost flow (the rest of the words go greedily)
 COLUMNS_PER_WORD = 64  # stage 2 candidate columns per word, besides its greedy one
+_GREEDY_WORDS = 1 << 20  # stage 1 words placed greedily at a time (bounds its temporaries)
 _LEFTOVER_WORDS = 1 << 14  # words whose full cost rows are read at once (stage 1 leftovers, stage 2 fallbacks)
 _SPAN_WORDS = 1 << 17  # words per task of the candidate pass (it reads them block by block)
 _GROUP_ENTRIES = 1 << 24  # candidate arcs per stage-2 task (its words x (m + 1))
@@ -129,7 +130,7 @@ def _candidates(shared: tuple, span: tuple[int, int, np.ndarray, np.ndarray]) ->
         parts.append(
             (
                 rows,
-                a[idx[:, None], rows].astype(np.float64),
+                a[idx[:, None], rows],  # in the source's precision, as the columns' costs
                 cols,
                 np.take_along_axis(b, cols, axis=1),  # in the source's precision: float32 from a model
                 b.max(axis=1),
@@ -188,9 +189,14 @@ def _assign_rows(
     new_row = np.full(V, -1, dtype=np.int64)
     new_row[top[word[chosen]]] = target[chosen]
     room = capacity - np.bincount(new_row[top], minlength=R)
-    taken, left = greedy_rounds(rows[rest], cost[rest] + row_price[rows[rest]], room)
-    new_row[rest] = taken
-    return new_row, rest[left], int(word.size), scale, seconds
+    # the rest in priority order, a chunk at a time: each chunk's words choose before the next's
+    lefts = []
+    for chunk in np.array_split(rest, -(-rest.size // _GREEDY_WORDS)) if rest.size else []:
+        taken, left = greedy_rounds(rows[chunk], cost[chunk] + row_price[rows[chunk]], room)
+        new_row[chunk] = taken
+        lefts.append(chunk[left])
+    left_words = np.concatenate(lefts) if lefts else np.empty(0, dtype=np.int64)
+    return new_row, left_words, int(word.size), scale, seconds
 
 
 def _place_leftovers(a: np.ndarray, row_price: np.ndarray, room: np.ndarray, k: int) -> np.ndarray:

@@ -180,8 +180,8 @@ def cost_pass_per_worker(config: dict[str, Any]) -> None:
             "tokens": int(tokens),
             "words_seen": int(words_seen),
             "workers": world,
-            "peak_worker_rss_mb": float(peak[0]),
-            "sums_mb_per_worker": float(peak[1]),
+            "peak_worker_rss_mb": round(float(peak[0]), 1),
+            "sums_mb_per_worker": round(float(peak[1]), 1),
             "checkpoint": config["checkpoint"],
             "shards": [
                 {

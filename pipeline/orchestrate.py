@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from lightrnn.config import from_dict
 from pipeline import stages
 from pipeline.layout import PipelineError, RunRoot
+from pipeline.memory import peak_rss_mb, reset_peak
 from pipeline.runconfig import MODEL_SECTIONS, RunConfig
 from pipeline.stages import (
     CostsOutput,
@@ -71,6 +72,15 @@ def check_stage(config: RunConfig, stage: str) -> None:
         raise ValueError(f"{config.name} has no stage {stage!r}; its stages: {', '.join(stage_names(config))}")
 
 
+# what stages report as the peak private memory of their workers or tasks (pipeline.memory)
+_WORKER_PEAKS = ("peak_worker_mb", "peak_worker_rss_mb", "peak_rss_mb", "peak_task_mb")
+
+
+def _worker_peak(metrics: Metrics) -> float | None:
+    peaks = [metrics[k] for k in _WORKER_PEAKS if metrics.get(k) is not None]
+    return max(peaks) if peaks else None
+
+
 class Pipeline:
     def __init__(self, config: RunConfig, options: PipelineOptions) -> None:
         self.root = RunRoot(options.root)
@@ -112,8 +122,29 @@ class Pipeline:
         except BaseException:
             tracker.finish("FAILED")
             raise
+        self._log_stage_costs()
         tracker.finish()
         return self.summary(exported)
+
+    def _log_stage_costs(self) -> None:
+        """The parent run's `stage_costs` table: each stage's seconds, peak memory, tokens and words."""
+        assert self.tracker is not None
+        rows = []
+        for name in stage_names(self.config):
+            record = self.root.committed(name) or {}
+            metrics = record.get("metrics", {})
+            rows.append(
+                {
+                    "stage": name,
+                    "seconds": record.get("seconds"),
+                    "peak_driver_mb": record.get("peak_driver_mb"),
+                    "peak_worker_mb": record.get("peak_worker_mb"),
+                    "tokens": metrics.get("tokens", metrics.get("train_tokens", metrics.get("train_words"))),
+                    "words": metrics.get("vocab_size", metrics.get("words_seen", metrics.get("words_moved"))),
+                }
+            )
+        columns = {key: [row[key] for row in rows] for key in rows[0]}
+        self.tracker.client.log_table(self.tracker.parent_id, columns, "stage_costs.json")
 
     def _stages(self) -> ExportOutput:
         """Every stage in order; each gets the typed outputs of the stages it depends on."""
@@ -151,17 +182,22 @@ class Pipeline:
         assert self.tracker is not None
         print(f"[stage] {name}", flush=True)
         started = time.perf_counter()
+        reset_peak()
         with self.tracker.stage(name) as run_id:
             result, metrics = run(StageContext(self.root, self.config, self.options, self.tracker, run_id))
+            # the driver's own peak, and the largest any of the stage's workers or tasks reported
+            costs = {"peak_driver_mb": peak_rss_mb(), "peak_worker_mb": _worker_peak(metrics)}
             # a training phase's figures belong at its last step, beside rank 0's per-step ones
             step = int(metrics.get("steps", 0))
-            self.tracker.log_metrics(run_id, {**metrics, "stage_seconds": time.perf_counter() - started}, step)
+            figures = {**metrics, **costs, "stage_seconds": time.perf_counter() - started}
+            self.tracker.log_metrics(run_id, figures, step)
         self.root.commit(
             name,
             {
                 "stage": name,
                 "outputs": asdict(result),
                 "metrics": metrics,
+                **costs,
                 "seconds": round(time.perf_counter() - started, 3),
                 "mlflow_run_id": run_id,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

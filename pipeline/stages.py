@@ -115,6 +115,8 @@ def prepare_data(ctx: StageContext) -> tuple[DataOutput, Metrics]:
     vocab = manifest["vocab"]
     metrics = {f"{s}_tokens": float(info["tokens"]) for s, info in manifest["splits"].items()}
     metrics["vocab_size"] = float(vocab["size"])
+    if "peak_rss_mb" in manifest:  # the largest task of the run that prepared it
+        metrics["peak_worker_mb"] = float(manifest["peak_rss_mb"]["worker"])
     summary = {
         "vocab_size": vocab["size"],
         "tokens": {s: info["tokens"] for s, info in manifest["splits"].items()},
