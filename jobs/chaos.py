@@ -14,12 +14,16 @@ command runs again, until one attempt finishes. The finished run is compared wit
 reference: the final allocation, the exported weights, the test perplexity, and the MLflow
 runs (one parent, and each stage with exactly one nested run, FINISHED).
 
-Tolerance. A run killed between stages resumes at a stage boundary and must equal the
-reference bit for bit. A training phase killed after one of its checkpoints continues from
-it at the same step and data position, but the LSTM state starts afresh at that segment
-(`pipeline.train_loop`), so its weights differ slightly: the test perplexity may then differ
-by `--ppl-tolerance` (relative), and the allocations solved after that phase may place some
-words differently (reported, not gated). Exits 1 on any other difference.
+Tolerance. Two uninterrupted `tiny` runs need not be equal bit for bit (docs/results.md,
+"Fault drill", has two references that differ; the likely cause is the order in which Ray
+Data streams the train blocks to the worker, which is not fixed). So the test perplexity
+must agree within `--ppl-tolerance` (relative, 2%); the exported weights' largest
+difference is reported beside it. On top of
+that, a phase killed after one of its checkpoints continues at the same step and data
+position but with the LSTM state started afresh at that segment (`pipeline.train_loop`).
+The final allocation must be equal unless a phase before the last reallocation resumed
+mid-phase (then the words placed elsewhere are reported, not gated). Exits 1 on any other
+difference, and on any MLflow stage without exactly one FINISHED run.
 """
 
 from __future__ import annotations
@@ -276,10 +280,10 @@ def compare(
     got_model, _ = load_model(drill["export"])
     ref_state, got_state = ref_model.state_dict(), got_model.state_dict()
     diff = max(float((ref_state[k].float() - got_state[k].float()).abs().max()) for k in ref_state)
-    rows.append(("export weights", "", f"max |diff| {diff:.3g}", diff == 0 or bool(resumed_phases)))
+    rows.append(("export weights", "", f"max |diff| {diff:.3g}", True))  # judged through the test ppl
     ref_ppl, got_ppl = reference["test_ppl"], drill["test_ppl"]
     rel = abs(got_ppl - ref_ppl) / ref_ppl
-    ok = rel == 0 or (bool(resumed_phases) and rel <= ppl_tolerance)
+    ok = rel <= ppl_tolerance
     rows.append(("test ppl", f"{ref_ppl:.4f}", f"{got_ppl:.4f} ({rel:.2%})", ok))
     return [{"what": w, "reference": r, "drill": d, "ok": ok} for w, r, d, ok in rows]
 
@@ -294,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL, passed to every run")
-    p.add_argument("--ppl-tolerance", type=float, default=0.02, help="relative, after a mid-phase resume")
+    p.add_argument("--ppl-tolerance", type=float, default=0.02, help="relative test perplexity difference allowed")
     p.add_argument("--max-failed-starts", type=int, default=5, help="attempts in a row that fail unkilled")
     p.add_argument(
         "--ray",
