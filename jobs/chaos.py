@@ -18,9 +18,9 @@ Tolerance. Two uninterrupted `tiny` runs need not be equal bit for bit (docs/res
 "Fault drill", has two references that differ; the likely cause is the order in which Ray
 Data streams the train blocks to the worker, which is not fixed). So the test perplexity
 must agree within `--ppl-tolerance` (relative, 2%); the exported weights' largest
-difference is reported beside it. On top of
-that, a phase killed after one of its checkpoints continues at the same step and data
-position but with the LSTM state started afresh at that segment (`pipeline.train_loop`).
+difference is reported beside it. On top of that, a phase killed after one of its
+checkpoints continues at the same step and data position but with the LSTM state started
+afresh at that segment (`pipeline.train_loop`).
 The final allocation must be equal unless a phase before the last reallocation resumed
 mid-phase (then the words placed elsewhere are reported, not gated). Exits 1 on any other
 difference, and on any MLflow stage without exactly one FINISHED run.
