@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from jobs.chaos import RAY_PREFIX, Attempt, draw_kill_points, event_key
@@ -31,6 +32,7 @@ def test_kill_points_cover_the_unsafe_moments_in_run_order() -> None:
     assert RAY_PREFIX.sub("", ray_line) == "[train] step     10/40 loss 8.471 [checkpoint]"
 
 
+@pytest.mark.slow  # three pipeline runs: minutes; `python -m pytest -m slow tests/test_chaos.py`
 def test_drill_with_two_kills_ends_equal_to_the_uninterrupted_run(tmp_path) -> None:
     command = [sys.executable, "-m", "jobs.chaos", "--config", "tiny", "--root", str(tmp_path / "drill")]
     proc = subprocess.run(
