@@ -65,7 +65,7 @@ def shard_file(kind: str, rank: int) -> str:
 # -- the worker -------------------------------------------------------------------------------
 
 
-def _train_slice(data_root: str, part: int, parts: int, max_tokens: int) -> np.ndarray:
+def train_slice(data_root: str, part: int, parts: int, max_tokens: int) -> np.ndarray:
     """The train tokens of every `parts`-th block from `part`, in stream order, at most `max_tokens` + 1."""
     from pipeline.dataset import open_dataset
 
@@ -126,7 +126,7 @@ def cost_pass_per_worker(config: dict[str, Any]) -> None:
     col_sums = torch.zeros(hi - lo, hidden, dtype=torch.float32, device=device)
     counts = torch.zeros(hi - lo, dtype=torch.int64, device=device)
 
-    stream = _train_slice(config["data"], rank, world, config["max_tokens"])
+    stream = train_slice(config["data"], rank, world, config["max_tokens"])
     if stream.size and (int(stream.min()) < 0 or int(stream.max()) >= vocab):
         raise ValueError(
             f"{config['data']} holds word ids outside [0, {vocab}) of {config['checkpoint']}'s vocabulary: "
@@ -173,28 +173,34 @@ def cost_pass_per_worker(config: dict[str, Any]) -> None:
     dist.barrier()  # every shard is written
     tokens, words_seen = figures.tolist()
     if rank == 0:
-        manifest = {
-            "format": FORMAT,
-            "vocab_size": vocab,
-            "hidden": hidden,
+        figures_of_pass = {
             "tokens": int(tokens),
             "words_seen": int(words_seen),
             "workers": world,
             "peak_worker_rss_mb": round(float(peak[0]), 1),
             "sums_mb_per_worker": round(float(peak[1]), 1),
-            "checkpoint": config["checkpoint"],
-            "shards": [
-                {
-                    "rank": r,
-                    "start": int(bounds[r]),
-                    "stop": int(bounds[r + 1]),
-                    **{kind: shard_file(kind, r) for kind in _KINDS},
-                }
-                for r in range(world)
-            ],
         }
-        with storage.atomic_write(storage.join(out, MANIFEST)) as f:
-            f.write(json.dumps(manifest, indent=1).encode())
+        write_manifest(out, vocab, hidden, bounds, config["checkpoint"], figures_of_pass)
+
+
+def write_manifest(
+    out: str, vocab: int, hidden: int, bounds: np.ndarray, checkpoint: str, figures: dict[str, Any]
+) -> None:
+    """The pass's commit: its shards' word ranges and files, and its figures; written last."""
+    world = len(bounds) - 1
+    manifest = {
+        "format": FORMAT,
+        "vocab_size": vocab,
+        "hidden": hidden,
+        **figures,
+        "checkpoint": checkpoint,
+        "shards": [
+            {"rank": r, "start": int(bounds[r]), "stop": int(bounds[r + 1]), **{k: shard_file(k, r) for k in _KINDS}}
+            for r in range(world)
+        ],
+    }
+    with storage.atomic_write(storage.join(out, MANIFEST)) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
 
 
 def run_cost_pass(

@@ -25,7 +25,7 @@ from lightrnn.costs import accumulate_head_inputs, dense_costs
 from lightrnn.model import LightRNN
 from lightrnn.realloc import allocation_cost, solve_reallocation
 from pipeline.checkpoint import make_schedule, save_checkpoint
-from pipeline.cost_pass import CostShardError, ShardedCosts, _train_slice, model_heads, owner_bounds, run_cost_pass
+from pipeline.cost_pass import CostShardError, ShardedCosts, model_heads, owner_bounds, run_cost_pass, train_slice
 from pipeline.dataset import open_dataset
 from pipeline.prepare import prepare
 from pipeline.runconfig import DataConfig
@@ -64,7 +64,7 @@ def _expected(setup: dict, workers: int, max_tokens: int) -> tuple[np.ndarray, n
     model = setup["model"]
     total = None
     for rank in range(workers):
-        stream = _train_slice(setup["data"], rank, workers, max_tokens)
+        stream = train_slice(setup["data"], rank, workers, max_tokens)
         sums = accumulate_head_inputs(model, stream, BATCH, BPTT)
         total = sums if total is None else total.merge(sums)
     assert total is not None
