@@ -72,9 +72,6 @@ class LowRankCosts:
         words = np.arange(start, stop, dtype=np.int64)
         return self.row_costs_of(words), self.column_costs_of(words)
 
-    def row_costs(self, start: int, stop: int) -> np.ndarray:
-        return self.row_costs_of(np.arange(start, stop, dtype=np.int64))
-
     def row_costs_of(self, words: np.ndarray) -> np.ndarray:
         """A of the given words: the costs of a block are those of its words, in any order."""
         # a multiplicative hash spreads neighbouring words over the noise table

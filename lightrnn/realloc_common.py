@@ -101,13 +101,6 @@ def iter_blocks(
         )
 
 
-def row_costs(costs: CostBlocks, start: int, stop: int, num_rows: int) -> np.ndarray:
-    """A (n, R) for words [start, stop): the source's `row_costs` when it has one (no B computed)."""
-    only_rows = getattr(costs, "row_costs", None)
-    a = only_rows(start, stop) if only_rows is not None else costs(start, stop)[0]
-    return checked_block(a, "row_cost", start, (stop - start, num_rows))
-
-
 def costs_of_words(costs: CostBlocks, words: np.ndarray, current: Allocation, block_size: int, side: int) -> np.ndarray:
     """A (side 0: (n, R)) or B (side 1: (n, C)) of the given words, any order: the source's
     `row_costs_of` / `column_costs_of` when it has one, else read block by block, skipping

@@ -247,7 +247,7 @@ def run_cost_pass(
 class ShardedCosts:
     """The solver's cost source over a cost pass's shards and the model's heads.
 
-    `costs(start, stop)` gives (A, B) for words [start, stop) in float32; `row_costs`,
+    `costs(start, stop)` gives (A, B) for words [start, stop) in float32;
     `row_costs_of` and `column_costs_of` give one side (`lightrnn.realloc_common` uses them
     when present). Picklable: Ray tasks of the solver each read the blocks they need.
     """
@@ -339,9 +339,6 @@ class ShardedCosts:
 
     def __call__(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         return self._side("row", start, stop), self._side("col", start, stop)
-
-    def row_costs(self, start: int, stop: int) -> np.ndarray:
-        return self._side("row", start, stop)
 
     def row_costs_of(self, words: np.ndarray) -> np.ndarray:
         return self._side_of("row", words)
