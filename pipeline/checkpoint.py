@@ -3,7 +3,8 @@
 A checkpoint is a folder Ray Train commits under a run's storage (`RUN/checkpoint_<time>/`):
 
     state.pt            weights (without the word table), optimizer state, step, data
-                        position and the configs; loaded with weights_only=True
+                        position, the LSTM state of every rank when the step falls
+                        inside a batch, and the configs; loaded with weights_only=True
     allocation.parquet  LightRNN only: the word -> cell table those weights were trained
                         with, the one copy of it (the model's lookups are rebuilt from it)
 
@@ -27,7 +28,7 @@ import torch
 
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig, from_dict
-from lightrnn.model import LanguageModel, LightRNN, build_model
+from lightrnn.model import LanguageModel, LightRNN, State, build_model
 from pipeline import storage
 
 STATE_FILE = "state.pt"
@@ -47,12 +48,18 @@ class CheckpointError(storage.StorageError):
 
 @dataclass(frozen=True)
 class Schedule:
-    """Step counts every rank derives identically from the block count."""
+    """Step counts and data positions every rank derives identically from the block count.
+
+    Rank r reads the consecutive blocks [r S, r S + P B) of the train split in every epoch
+    (S = `rank_stride`, P = `batches_per_epoch`, B = `local_batch`), B at a time in block
+    order, so each step reads the same tokens however often the run was restarted.
+    """
 
     local_batch: int  # blocks per rank per step
     batches_per_epoch: int
     segments_per_batch: int
     total_steps: int
+    rank_stride: int  # blocks between the first blocks of two ranks (train_blocks // world)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -63,6 +70,16 @@ class Schedule:
         epoch, rest = divmod(step, self.steps_per_epoch)
         batch, segment = divmod(rest, self.segments_per_batch)
         return epoch, batch, segment
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        """[start, stop) block ids `rank` reads in every epoch."""
+        start = rank * self.rank_stride
+        return start, start + self.batches_per_epoch * self.local_batch
+
+    def batch_blocks(self, rank: int, batch: int) -> np.ndarray:
+        """The block ids of `rank`'s batch `batch` (of an epoch), in the order of its rows."""
+        start = self.rank_range(rank)[0] + batch * self.local_batch
+        return np.arange(start, start + self.local_batch, dtype=np.int64)
 
 
 def make_schedule(train_blocks: int, block_len: int, world: int, config: TrainConfig) -> Schedule:
@@ -81,7 +98,7 @@ def make_schedule(train_blocks: int, block_len: int, world: int, config: TrainCo
         )
     segments = math.ceil((block_len - 1) / config.bptt)
     total = config.max_steps or max(1, round(batches * segments * config.epochs))
-    return Schedule(local, batches, segments, total)
+    return Schedule(local, batches, segments, total, train_blocks // world)
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -99,8 +116,14 @@ def save_checkpoint(
     step: int,
     schedule: Schedule,
     configs: dict[str, Any],
+    lstm_state: State | None = None,
 ) -> None:
-    """Write a checkpoint into the local folder `directory` (Ray Train then uploads it whole)."""
+    """Write a checkpoint into the local folder `directory` (Ray Train then uploads it whole).
+
+    `lstm_state` is the (h, c) carried into `step` by every rank, stacked on a leading rank
+    axis: (world, layers, B, H) each. It is saved when `step` falls inside a batch, so a
+    restored run continues that batch with the state an uninterrupted run would have.
+    """
     epoch, batch, segment = schedule.position(step)
     state: dict[str, Any] = {
         "model": model.state_dict(),
@@ -110,6 +133,8 @@ def save_checkpoint(
         "model_config": asdict(model.config),  # vocab_size resolved from the dataset
         **configs,  # train_config and dist_config, as plain dicts
     }
+    if lstm_state is not None and segment:
+        state["lstm_state"] = {"h": lstm_state[0].detach().cpu(), "c": lstm_state[1].detach().cpu()}
     if isinstance(model, LightRNN):
         allocation = model.allocation()
         allocation.save(os.path.join(directory, ALLOCATION_FILE))

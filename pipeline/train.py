@@ -1,8 +1,9 @@
 """Data-parallel training on Ray Train: the driver side.
 
-The driver opens the prepared dataset, hands Ray Train its full train blocks as a lazy
-Ray Dataset (split across workers by Train itself), and runs `TorchTrainer` with the
-worker loop of `pipeline.train_loop`. Checkpoints (`pipeline.checkpoint`) go to
+The driver opens the prepared dataset, hands Ray Train its train blocks as a lazy Ray
+Dataset, and runs `TorchTrainer` with the worker loop of `pipeline.train_loop`. Each
+worker gets its own fixed range of blocks in block order (`BlockRangeDataConfig`), so
+the data a step reads does not depend on how Ray Data schedules the read. Checkpoints (`pipeline.checkpoint`) go to
 `{output}/{name}`; a second run with the same output and name continues from the latest
 one (Ray Train reads its snapshot there), and `FailureConfig(max_failures)` restarts a
 failed worker group from it automatically.
@@ -51,6 +52,36 @@ class ProgressCallback(ray.train.UserCallback):
         print(line, flush=True)
 
 
+class BlockRangeDataConfig(ray.train.DataConfig):
+    """Rank r streams the blocks `schedule.rank_range(r)` of the "train" dataset, in block order.
+
+    Ray Train's default `streaming_split` hands blocks to whichever worker asks next, so
+    which blocks a rank reads (and in which order) changes from run to run and after every
+    restart. Here each rank gets its own lazily read Dataset, filtered to its block range
+    (the filter is pushed into the Parquet read, which skips the other row groups) and
+    executed with `preserve_order`: a step's tokens are a function of the step alone,
+    and every block is read once per epoch, before and after a restart.
+    """
+
+    def __init__(self, schedule: Schedule) -> None:
+        super().__init__(datasets_to_split=[])
+        self.schedule = schedule
+
+    def configure(  # type: ignore[override]
+        self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any
+    ) -> list[dict[str, Any]]:
+        options = self.default_ingest_options()
+        options.preserve_order = True
+        output = []
+        for rank in range(world_size):
+            start, stop = self.schedule.rank_range(rank)
+            ranged = datasets["train"].filter(expr=f"block >= {start} and block < {stop}")
+            ranged.set_name(f"train-rank{rank}")
+            ranged.context.execution_options = options
+            output.append({"train": ranged.iterator()})
+        return output
+
+
 def _absolute(uri: str) -> str:
     """Workers may run in another directory: pin local paths down."""
     return os.path.abspath(uri) if "://" not in uri else uri
@@ -92,8 +123,8 @@ def run_training(
     if resume and not exists:
         raise RunExistsError(f"--resume: {run_dir} holds no checkpointed run to continue")
 
-    # Ray Data reads and filters lazily; Train splits the stream equally among workers
-    train_ds = dataset.ray_dataset("train").filter(expr=f"block < {train_blocks}").select_columns(["tokens"])
+    # Ray Data reads lazily; each worker streams its own block range (BlockRangeDataConfig)
+    train_ds = dataset.ray_dataset("train").select_columns(["block", "tokens"])
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -111,6 +142,7 @@ def run_training(
             callbacks=[ProgressCallback()],
         ),
         datasets={"train": train_ds},
+        dataset_config=BlockRangeDataConfig(schedule),
     )
     print(
         f"[run] {job.workers} worker(s), {train_blocks} blocks of {dataset.block_len} tokens, global batch "

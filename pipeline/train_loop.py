@@ -1,26 +1,28 @@
 """What every Ray Train worker runs: DDP training of a `lightrnn` model on its shard of blocks.
 
-Each worker reads its share of the train split's Parquet blocks (Ray Data
-`streaming_split(equal=True)`, through `get_dataset_shard`), takes them `B` at a time
-(`B = batch_size // world_size`) and walks the (B, block_len) batch in BPTT segments,
-carrying the LSTM state inside the blocks and starting afresh at each new batch:
+Each worker streams its own range of the train split's Parquet blocks in block order
+(Ray Data, one lazily read dataset per rank: `pipeline.train.BlockRangeDataConfig`), takes
+them `B` at a time (`B = batch_size // world_size`) and walks the (B, block_len) batch in
+BPTT segments, carrying the LSTM state inside the blocks and starting afresh at each new
+batch:
 
     block b0: t0 t1 t2 ... t(L-1)    <- segment 1 reads columns 0..T-1, targets 1..T
     block b1: u0 u1 u2 ... u(L-1)       segment 2 reads T..2T-1, ...; ceil((L-1)/T) segments
     ...                                 the last token of a block is a target only
 
-Every rank takes the same number of steps (the split is equal and each epoch is cut to
-`batches_per_epoch` batches), so every rank reports the same number of times. A step's
-data position is a function of the step, so a restored run continues where its
-checkpoint was taken (the LSTM state starts afresh there, as in `lightrnn.train`).
-Which blocks land on which rank is Ray Data's choice and can differ after a restart.
+Every rank takes the same number of steps (`batches_per_epoch` batches of its range per
+epoch), so every rank reports the same number of times. Resume is exact: the blocks a step
+reads are a function of the step and the rank (`Schedule.batch_blocks`, checked on every
+batch), dropout masks are drawn from a seed of (seed, rank, step), and a checkpoint taken
+inside a batch carries every rank's LSTM state. On the CPU a run killed and restored ends
+with the same weights, bit for bit, as one that was never interrupted.
 
 What the loop does so that it runs well on GPUs:
 
 - precision: bf16 autocast for the heads, the LSTM in `DistConfig.lstm_dtype`
   (float32 by default, TF32 allowed) and its carried state in float32 (`lightrnn.model`);
-- randomness: identical initial weights on every rank, then a per-rank seed, so the ranks
-  draw different dropout masks;
+- randomness: identical initial weights on every rank, then a seed per rank and step, so the
+  ranks draw different dropout masks and a restored run draws the same ones;
 - communication: the gradient all-reduce only; the word-table buffers are built
   identically on every rank from the same allocation file and never broadcast;
 - host syncs: none per step. Ids are checked per batch of blocks on the host, losses are
@@ -56,7 +58,7 @@ import torch.distributed as dist
 
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig, from_dict
-from lightrnn.model import LSTM_DTYPES, LanguageModel, build_model, set_lstm_dtype
+from lightrnn.model import LSTM_DTYPES, LanguageModel, State, build_model, set_lstm_dtype
 from lightrnn.train import EvalResult, column_share, evaluate_columns, lr_at, make_optimizer, segments, train_step
 from pipeline.checkpoint import (
     Schedule,
@@ -121,6 +123,7 @@ class StartState:
     optimizer: torch.optim.Optimizer
     step: int
     restored: bool  # from Ray Train's latest checkpoint of this run (a restart), not a fresh start
+    lstm_state: State | None = None  # carried into `step` (restored mid-batch)
 
 
 def _optimizer(model: torch.nn.Module, job: DistConfig, config: TrainConfig) -> torch.optim.Optimizer:
@@ -141,8 +144,9 @@ def start_state(
     weights (`job.init_checkpoint`) with this phase's word table (`job.allocation`); else a
     fresh model. A checkpoint's table is its own allocation.parquet.
 
-    Every rank builds the same weights (seeded with `train_config.seed`) and then reseeds
-    with `seed + rank`, so each rank draws its own dropout masks. Checkpoints are read on
+    Every rank builds the same weights (seeded with `train_config.seed`); the training loop
+    reseeds at every step (`step_seed`). A restart inside a batch takes this rank's LSTM
+    state from the checkpoint. Checkpoints are read on
     the CPU: the optimizer moves its moments beside the parameters and keeps Adam's `step`
     counters on the CPU, where reading them costs no device sync.
     """
@@ -170,11 +174,32 @@ def start_state(
     model = build_model(model_config, allocation).to(device)
     set_lstm_dtype(model, job.lstm_dtype)
     optimizer = _optimizer(model, job, train_config)
+    lstm_state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-    torch.manual_seed(train_config.seed + rank)  # dropout: one independent stream of masks per rank
-    return StartState(model, optimizer, int(state["step"]) if state else 0, checkpoint is not None)
+        if checkpoint is not None:
+            lstm_state = _rank_lstm_state(state, rank, device)
+    return StartState(model, optimizer, int(state["step"]) if state else 0, checkpoint is not None, lstm_state)
+
+
+def _rank_lstm_state(state: dict[str, Any], rank: int, device: torch.device) -> State | None:
+    """This rank's (h, c) from a checkpoint taken inside a batch; None when it holds none.
+
+    A checkpoint written with another number of workers cannot hold this rank's state
+    (the schedule gives other blocks to each rank then); its run continues with the state
+    afresh, as at a batch start.
+    """
+    saved = state.get("lstm_state")
+    world = ray.train.get_context().get_world_size()
+    if not saved or saved["h"].shape[0] != world:
+        return None
+    return saved["h"][rank].to(device), saved["c"][rank].to(device)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of `rank`'s random draws (dropout) at `step`: a restored run draws the same masks."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 # -- the data position of every step -----------------------------------------------------
@@ -196,6 +221,17 @@ def blocks_tensor(batch: pa.Table, block_len: int, vocab_size: int, device: torc
     return torch.from_numpy(flat.astype(np.int64).reshape(batch.num_rows, block_len)).to(device)
 
 
+def check_blocks(batch: pa.Table, expected: np.ndarray, rank: int, index: int) -> None:
+    """Refuse a batch whose block ids are not the ones the schedule gives this rank's batch `index`."""
+    blocks = batch.column("block").to_numpy()
+    if not np.array_equal(blocks, expected):
+        raise RuntimeError(
+            f"rank {rank}: batch {index} read blocks {blocks[:4].tolist()}... where the schedule has "
+            f"{expected[:4].tolist()}...: the dataset's shards are not in block order, or the block "
+            "range filter was not applied; prepare the dataset again"
+        )
+
+
 def segment_stream(
     shard: Any,
     schedule: Schedule,
@@ -205,12 +241,12 @@ def segment_stream(
     span: tuple[int, int],
     device: torch.device,
     rank: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
-    """(tokens_BT, targets_BT, new_batch) for steps `span` = [start, stop) of this rank, in order.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(tokens_BT, targets_BT, segment) for steps `span` = [start, stop) of this rank, in order.
 
-    Each epoch re-reads the shard (Ray Data splits it anew); batches a restored run had
-    consumed before its checkpoint are skipped, and its first batch starts at the
-    checkpoint's segment. `new_batch` marks where the LSTM state starts afresh.
+    Each epoch re-reads the rank's block range; batches a restored run had consumed before
+    its checkpoint are skipped, and its first batch starts at the checkpoint's segment.
+    `segment` is the step's segment in its batch: at 0 the LSTM state starts afresh.
     """
     step, stop = span
     while step < stop:
@@ -224,10 +260,11 @@ def segment_stream(
                 break
             if index < first_batch:
                 continue  # consumed before the checkpoint this run was restored from
+            check_blocks(batch, schedule.batch_blocks(rank, index), rank, index)
             blocks_BL = blocks_tensor(batch, block_len, vocab_size, device)
             first = first_segment if index == first_batch else 0
             for i, (x_BT, y_BT) in enumerate(segments(blocks_BL.t(), bptt, first)):
-                yield x_BT, y_BT, i == 0
+                yield x_BT, y_BT, first + i
                 step += 1
                 if step >= stop:
                     return
@@ -325,11 +362,12 @@ class Reporter:
             or step >= self.stop
         )
 
-    def report(self, step: int, lr: float) -> None:
+    def report(self, step: int, lr: float, lstm_state: State | None) -> None:
         """All-reduce the window, evaluate at epoch ends and the last step, checkpoint, report.
 
         Valid perplexity at epoch ends and at the run's last step; at the schedule's end also
-        test perplexity, and both go into the checkpoint as its `evaluation`.
+        test perplexity, and both go into the checkpoint as its `evaluation`. A checkpoint
+        taken inside a batch also holds every rank's `lstm_state` (gathered to rank 0).
         """
         if self.world > 1:
             dist.all_reduce(self.window)  # global loss and words, the same figures on every rank
@@ -363,10 +401,12 @@ class Reporter:
                 metrics["test_ppl"] = evaluation["test_ppl"]
             self.eval_seconds += time.perf_counter() - eval_start
         folder = None
-        if (step % self.job.checkpoint_every == 0 or step >= self.stop) and self.rank == 0:
+        checkpointing = step % self.job.checkpoint_every == 0 or step >= self.stop
+        states = gather_states(lstm_state, self.world) if checkpointing and self.schedule.position(step)[2] else None
+        if checkpointing and self.rank == 0:
             folder = tempfile.mkdtemp(prefix="lightrnn-ckpt-")
             configs = {**self.checkpoint_configs, "evaluation": evaluation} if evaluation else self.checkpoint_configs
-            save_checkpoint(folder, self.start.model, self.start.optimizer, step, self.schedule, configs)
+            save_checkpoint(folder, self.start.model, self.start.optimizer, step, self.schedule, configs, states)
         if self.tracker is not None:
             self.tracker.log(metrics)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
@@ -374,6 +414,24 @@ class Reporter:
             shutil.rmtree(folder, ignore_errors=True)  # the SYNC upload has copied it
         self.window.zero_()
         self.window_start = time.perf_counter()
+
+
+def gather_states(lstm_state: State | None, world: int) -> State | None:
+    """Every rank's (h, c), stacked on a leading rank axis, on every rank (a collective when world > 1).
+
+    Inside a batch every rank carries a state (the same steps on every rank), so either all
+    ranks pass one or none does.
+    """
+    if lstm_state is None:
+        return None
+    if world == 1:
+        return lstm_state[0].unsqueeze(0), lstm_state[1].unsqueeze(0)
+    gathered = []
+    for part in lstm_state:
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+        gathered.append(torch.stack(parts))
+    return gathered[0], gathered[1]
 
 
 def _quiet_report_lines() -> None:
@@ -497,18 +555,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         {"train_config": loop_config["train"], "dist_config": loop_config["dist"]},
     )
     start.model.train()
-    step, state = start.step, None
+    step, state = start.step, start.lstm_state
     shard = ray.train.get_dataset_shard("train")
     steps = segment_stream(
         shard, schedule, dataset.block_len, model_config.vocab_size, train_config.bptt, (step, stop), device, rank
     )
-    for x_BT, y_BT, new_batch in steps:
-        if new_batch:
-            state = None
-            reporter.start_timing()
+    for x_BT, y_BT, segment in steps:
+        reporter.start_timing()
+        if segment == 0:
+            state = None  # a new batch of blocks
+        torch.manual_seed(step_seed(train_config.seed, rank, step))
         lr = lr_at(step, schedule.total_steps, train_config)
         loss, state = train_step(ddp_model, start.optimizer, x_BT, y_BT, state, lr, train_config.clip, autocast)
         step += 1
         reporter.add(loss, x_BT.numel())
         if reporter.due(step):
-            reporter.report(step, lr)
+            reporter.report(step, lr, state)

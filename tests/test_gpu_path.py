@@ -25,7 +25,7 @@ from lightrnn.config import ModelConfig, TrainConfig
 from lightrnn.model import build_model, set_lstm_dtype
 from lightrnn.train import column_share, evaluate, evaluate_columns, train_step
 from pipeline.checkpoint import make_schedule, save_checkpoint
-from pipeline.train_loop import DistConfig, blocks_tensor, ddp_options, start_state
+from pipeline.train_loop import DistConfig, blocks_tensor, ddp_options, start_state, step_seed
 
 # Tensor methods and functions that read a tensor's values back to Python: on a GPU, each
 # waits for every queued kernel
@@ -117,8 +117,9 @@ def test_ranks_start_from_the_same_weights_and_draw_different_dropout_masks(tmp_
     train = TrainConfig(seed=3)
     x, y = _batch(100)
     weights, losses = [], []
-    for rank in (0, 1, 1):  # each as that rank's worker does it: build, then train
+    for rank in (0, 1, 1):  # each as that rank's worker does it: build, seed the step, then train
         start = start_state(config, train, _job(tmp_path), torch.device("cpu"), rank, None)
+        torch.manual_seed(step_seed(train.seed, rank, 0))
         weights.append(start.model.state_dict())
         losses.append(start.model.train()(x, y)[0].item())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

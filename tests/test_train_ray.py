@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -32,12 +34,12 @@ from lightrnn.allocation import Allocation
 from lightrnn.config import TrainConfig
 from lightrnn.model import build_model
 from lightrnn.train import evaluate
-from pipeline.checkpoint import STATE_FILE, model_from_checkpoint
+from pipeline.checkpoint import STATE_FILE, make_schedule, model_from_checkpoint
 from pipeline.dataset import open_dataset
 from pipeline.prepare import prepare
 from pipeline.runconfig import DataConfig
 from pipeline.train import DistConfig, RunExistsError, run_training
-from pipeline.train_loop import train_loop_per_worker
+from pipeline.train_loop import check_blocks, train_loop_per_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = get_preset("tiny")
@@ -62,9 +64,11 @@ def data(ptb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
-def _train(data: str, output: Path, name: str, train: TrainConfig, loop=train_loop_per_worker, **dist: object) -> dict:
+def _train(
+    data: str, output: Path, name: str, train: TrainConfig, loop=train_loop_per_worker, model=TINY.model, **dist: object
+) -> dict:
     job = DistConfig(data=data, output=str(output), name=name, **dist)  # type: ignore[arg-type]
-    return run_training(TINY.model, train, job, worker_loop=loop)
+    return run_training(model, train, job, worker_loop=loop)
 
 
 def _state(summary: dict) -> dict[str, torch.Tensor]:
@@ -124,13 +128,26 @@ def loop_losing_a_worker_at_step_8(config: dict) -> None:
     loop.train_loop_per_worker(config)
 
 
-def test_killed_worker_is_restarted_from_the_last_checkpoint(data: str, tmp_path: Path) -> None:
+def test_killed_worker_is_restarted_from_the_last_checkpoint_and_ends_as_if_never_killed(
+    data: str, tmp_path: Path
+) -> None:
+    # dropout on, and the step-5 checkpoint falls inside a batch (100 segments per batch): the
+    # restart must take the same blocks, the same dropout masks and every rank's LSTM state
     train = dataclasses.replace(TINY.train, batch_size=4, max_steps=20)
-    summary = _train(
-        data, tmp_path, "fail", train, loop_losing_a_worker_at_step_8, workers=2, checkpoint_every=5, max_failures=1
-    )
+    model = dataclasses.replace(TINY.model, dropout=0.3)
+    common = dict(workers=2, checkpoint_every=5, max_failures=1)
+    summary = _train(data, tmp_path, "fail", train, loop_losing_a_worker_at_step_8, model=model, **common)
     assert summary["steps"] == 20
     assert summary["start_step"] == 5  # restored from the step-5 checkpoint, not from step 0
+    whole = _train(data, tmp_path, "whole", train, model=model, **common)
+    assert whole["start_step"] == 0
+    restored, uninterrupted = _state(summary), _state(whole)
+    for name, value in uninterrupted["model"].items():
+        assert torch.equal(restored["model"][name], value), name
+    folders = [f for f in glob.glob(str(tmp_path / "whole" / "checkpoint_*")) if os.path.isdir(f)]
+    states = [torch.load(os.path.join(f, STATE_FILE), weights_only=True) for f in folders]
+    carried = [s["lstm_state"]["h"].shape for s in states if "lstm_state" in s]
+    assert carried and all(shape[:3] == (2, 1, 2) for shape in carried)  # (ranks, layers, blocks per rank)
 
 
 def _checkpoint_steps(run_dir: Path) -> set[int]:
@@ -197,7 +214,7 @@ def loop_probing_ranks(config: dict) -> None:
     """Builds the model as the worker loop does; records the weights, a dropout draw, and
     whether a word table only rank 1 holds survives a DDP step with and without broadcasts."""
     from lightrnn.config import ModelConfig, from_dict
-    from pipeline.train_loop import ddp_options, start_state
+    from pipeline.train_loop import ddp_options, start_state, step_seed
 
     rank = ray.train.get_context().get_world_rank()
     model_config = from_dict(ModelConfig, config["model"])
@@ -208,6 +225,7 @@ def loop_probing_ranks(config: dict) -> None:
     for options in (ddp_options(model_config), {"broadcast_buffers": True}):
         start = start_state(model_config, train_config, job, torch.device("cpu"), rank, None)
         if not record:
+            torch.manual_seed(step_seed(train_config.seed, rank, 0))  # as the loop seeds its first step
             record["weights"] = {k: v.clone() for k, v in start.model.state_dict().items()}
             record["dropout_loss"] = start.model.train()(x_BT[:, :-1], x_BT[:, 1:])[0].item()
         ddp = ray.train.torch.prepare_model(start.model, parallel_strategy_kwargs=options)
@@ -268,3 +286,14 @@ def test_bench_train_splits_the_ddp_step_with_and_without_buffer_broadcasts() ->
         assert figures["words_per_s"] > 0 and 0 <= figures["communication_share"] <= 1
         assert figures["lstm_output_dtype"] == figures["carried_state_dtype"] == "torch.float32"
     assert result["peak_memory_mb"] > 0 and result["step_time_ratio_on_to_off"] > 0
+
+
+def test_ranks_read_disjoint_block_ranges_and_refuse_a_batch_out_of_order() -> None:
+    schedule = make_schedule(103, 50, 3, dataclasses.replace(TINY.train, batch_size=6))  # 2 blocks per rank-step
+    assert [schedule.rank_range(r) for r in range(3)] == [(0, 34), (34, 68), (68, 102)]
+    epoch = [schedule.batch_blocks(r, b) for r in range(3) for b in range(schedule.batches_per_epoch)]
+    seen = np.concatenate(epoch)
+    assert seen.size == np.unique(seen).size == 102 and seen.max() == 101  # each full block once, one left over
+    check_blocks(pa.table({"block": [36, 37]}), schedule.batch_blocks(1, 1), 1, 1)
+    with pytest.raises(RuntimeError, match="not in block order"):
+        check_blocks(pa.table({"block": [37, 36]}), schedule.batch_blocks(1, 1), 1, 1)
