@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from jobs.chaos import RAY_PREFIX, Attempt, draw_kill_points, event_key
+from jobs.chaos import RAY_PREFIX, Attempt, draw_kill_points, draw_worker_points, event_key
 
 
 def test_kill_points_cover_the_unsafe_moments_in_run_order() -> None:
@@ -30,6 +30,19 @@ def test_kill_points_cover_the_unsafe_moments_in_run_order() -> None:
     assert event_key("[train] step     20/80 epoch 0.50 loss 6.123 ppl 456") == "[train] step 20"
     ray_line = "\x1b[36m(TrainController pid=4358)\x1b[0m [train] step     10/40 loss 8.471 [checkpoint]"
     assert RAY_PREFIX.sub("", ray_line) == "[train] step     10/40 loss 8.471 [checkpoint]"
+
+
+def test_worker_kill_points_follow_a_training_report_with_another_one_after_it() -> None:
+    lines = ["[stage] data", "[stage] train-0"]
+    lines += [f"[train] step {s:>6}/40 loss 7.0" for s in (10, 20)]
+    lines += ["[stage] costs-0", "[stage] train-1"]
+    lines += [f"[train] step {s:>6}/40 loss 6.0" for s in (30, 40)]
+    lines += ["[stage] evaluate"]
+    reference = Attempt(lines=[(float(i), line) for i, line in enumerate(lines)], returncode=0, seconds=len(lines))
+    points = draw_worker_points(reference, 5, random.Random(0))
+    # only steps 10 and 30 have a report after them in the same phase: the workers are alive then
+    assert [lines[p.event] for p in points] == [lines[2], lines[6]]
+    assert all(p.why == "worker" and 0 <= p.delay_s <= 0.5 for p in points)
 
 
 @pytest.mark.slow  # three pipeline runs: minutes; `python -m pytest -m slow tests/test_chaos.py`
