@@ -197,7 +197,8 @@ def run_attempt(
             for due in [w for w in worker_points or [] if position >= w.event]:
                 time.sleep(due.delay_s)
                 pid = kill_train_worker()
-                attempt.worker_kills.append({"event": due.event, "delay_s": due.delay_s, "line": line, "pid": pid})
+                at = {"stage": attempt.stage, "s": round(time.monotonic() - started, 1)}
+                attempt.worker_kills.append({"event": due.event, "delay_s": due.delay_s, "pid": pid, **at})
                 worker_points.remove(due)  # type: ignore[union-attr]
             if point is not None and order.get(event_key(line), -1) >= point.event:
                 time.sleep(point.delay_s)
@@ -395,8 +396,8 @@ def drill(args: argparse.Namespace, config: Any, root: str, log: Path, ray_addre
                         "kill": len(table) + 1,
                         "point": f"{events[kill['event']]} +{kill['delay_s']:.2f}s",  # type: ignore[index]
                         "why": "worker",
-                        "stage": attempt.stage,
-                        "after_s": round(attempt.seconds, 1),
+                        "stage": kill["stage"],
+                        "after_s": kill["s"],
                         "outcome": f"worker {kill['pid']} killed" if kill["pid"] else "no worker running",
                     }
                 )
