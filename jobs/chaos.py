@@ -200,7 +200,7 @@ def run_attempt(
                 at = {"stage": attempt.stage, "s": round(time.monotonic() - started, 1)}
                 attempt.worker_kills.append({"event": due.event, "delay_s": due.delay_s, "pid": pid, **at})
                 worker_points.remove(due)  # type: ignore[union-attr]
-            if point is not None and order.get(event_key(line), -1) >= point.event:
+            if point is not None and position >= point.event:
                 time.sleep(point.delay_s)
                 attempt.killed_at = line
                 os.killpg(proc.pid, signal.SIGKILL)

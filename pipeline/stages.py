@@ -236,7 +236,7 @@ def evaluate(ctx: StageContext, trained: TrainOutput) -> tuple[EvalOutput, Metri
     """Valid and test perplexity of the final model (every token scored).
 
     The last training phase scored both splits on its workers at the schedule's end
-    (`pipeline.train_loop.evaluate_split`) and stored the figures in its final checkpoint;
+    (`pipeline.train_eval.evaluate_split`) and stored the figures in its final checkpoint;
     only a checkpoint written without them is scored here, in one Ray task.
     """
     metrics = load_state(trained.checkpoint).get("evaluation")

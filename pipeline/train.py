@@ -3,8 +3,8 @@
 The driver opens the prepared dataset, hands Ray Train its train blocks as a lazy Ray
 Dataset, and runs `TorchTrainer` with the worker loop of `pipeline.train_loop`. Each
 worker gets its own fixed range of blocks in block order (`BlockRangeDataConfig`), so
-the data a step reads does not depend on how Ray Data schedules the read. Checkpoints (`pipeline.checkpoint`) go to
-`{output}/{name}`; a second run with the same output and name continues from the latest
+the data a step reads does not depend on how Ray Data schedules the read. Checkpoints
+(`pipeline.checkpoint`) go to `{output}/{name}`; a second run with the same output and name continues from the latest
 one (Ray Train reads its snapshot there), and `FailureConfig(max_failures)` restarts a
 failed worker group from it automatically.
 """

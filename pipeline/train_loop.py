@@ -29,7 +29,7 @@ What the loop does so that it runs well on GPUs:
   summed on the device and read at report steps, and Adam's step counters stay on the CPU.
 
 Held-out evaluation is data-parallel too: each rank scores its share of the evaluation
-columns on its own device and the sums are all-reduced (`evaluate_split`). At the end of the
+columns on its own device and the sums are all-reduced (`pipeline.train_eval`). At the end of the
 schedule the test split is scored as well and the figures go into the last checkpoint.
 
 The loop's parts: `start_state` (the weights and optimizer a worker starts from),
@@ -59,7 +59,7 @@ import torch.distributed as dist
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig, from_dict
 from lightrnn.model import LSTM_DTYPES, LanguageModel, State, build_model, set_lstm_dtype
-from lightrnn.train import EvalResult, column_share, evaluate_columns, lr_at, make_optimizer, segments, train_step
+from lightrnn.train import EvalResult, lr_at, make_optimizer, segments, train_step
 from pipeline.checkpoint import (
     Schedule,
     checkpoint_allocation,
@@ -68,7 +68,8 @@ from pipeline.checkpoint import (
     make_schedule,
     save_checkpoint,
 )
-from pipeline.dataset import TokenDataset, open_dataset
+from pipeline.dataset import open_dataset
+from pipeline.train_eval import evaluator
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -447,56 +448,6 @@ def _quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def eos_id(dataset: TokenDataset) -> int:
-    """The `<eos>` id from the dataset's manifest: the words themselves are never loaded here."""
-    eos = dataset.manifest["vocab"].get("eos_id")
-    if eos is None:
-        raise ValueError(
-            f"{dataset.root}/manifest.json does not record the <eos> id (it was prepared by an older "
-            "version): prepare the dataset again"
-        )
-    return int(eos)
-
-
-def evaluate_split(
-    model: LanguageModel, stream_N: np.ndarray, eos: int, config: TrainConfig, world: tuple[int, int]
-) -> EvalResult:
-    """Perplexity terms of a whole split, each rank scoring its share of the evaluation columns.
-
-    Rank r of w scores a contiguous run of the `config.eval_batch_size` columns on its own
-    device (`lightrnn.train.evaluate_columns`); the summed NLL and token counts are
-    all-reduced, so every rank returns the figure `lightrnn.train.evaluate` gives in one
-    process. Every rank must call it (a collective when w > 1).
-    """
-    rank, size = world
-    share = column_share(config.eval_batch_size, rank, size)
-    part = evaluate_columns(model, stream_N, eos, config.eval_batch_size, config.bptt, share)
-    if size == 1:
-        return part
-    device = next(model.parameters()).device
-    sums = torch.tensor([part.nll, float(part.tokens)], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    nll, tokens = sums.tolist()
-    return EvalResult(nll=nll, tokens=int(tokens))
-
-
-def _evaluator(
-    model: LanguageModel, dataset: TokenDataset, config: TrainConfig, world: tuple[int, int]
-) -> Callable[[str], EvalResult | None]:
-    """split -> the model's figures on it (None if the dataset has no such split); streams read once."""
-    streams: dict[str, np.ndarray] = {}
-    eos = eos_id(dataset)
-
-    def evaluate(split: str) -> EvalResult | None:
-        if split not in dataset.splits:
-            return None
-        if split not in streams:
-            streams[split] = dataset.tokens(split)
-        return evaluate_split(model, streams[split], eos, config, world)
-
-    return evaluate
-
-
 # -- the loop ----------------------------------------------------------------------------
 
 
@@ -551,7 +502,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stop,
         (rank, world),
         device,
-        _evaluator(start.model, dataset, train_config, (rank, world)),
+        evaluator(start.model, dataset, train_config, (rank, world)),
         {"train_config": loop_config["train"], "dist_config": loop_config["dist"]},
     )
     start.model.train()
