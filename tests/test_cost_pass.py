@@ -37,7 +37,8 @@ BATCH, BPTT = 4, 20
 @pytest.fixture(scope="module", autouse=True)
 def ray_local() -> Iterator[None]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # three logical CPUs on two cores: the three-worker cost pass needs one per Train worker
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -71,8 +72,8 @@ def _expected(setup: dict, workers: int, max_tokens: int) -> tuple[np.ndarray, n
     return total.row_sum_VH.numpy(), total.col_sum_VH.numpy(), total.count_V.numpy()
 
 
-def test_sharded_sums_equal_one_process(setup: dict) -> None:
-    workers = 2  # each rank routes the words it reads to the word's owner
+@pytest.mark.parametrize("workers", [2, 3])  # each rank routes the words it reads to the word's owner
+def test_sharded_sums_equal_one_process(setup: dict, workers: int) -> None:
     out = str(setup["root"] / f"costs-{workers}")
     per_worker = 6_000
     info = run_cost_pass(setup["checkpoint"], setup["data"], out, workers, False, BATCH, BPTT, per_worker * workers)
