@@ -37,16 +37,19 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import psutil
 
 from jobs.configs import PRESETS, get_preset
+from pipeline import storage
 from pipeline.orchestrate import stage_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,20 +298,44 @@ def mlflow_check(tracking_uri: str, root: str, stages: list[str]) -> list[str]:
     return problems
 
 
+@contextlib.contextmanager
+def local_copy(uri: str, options: dict[str, Any]) -> Iterator[Path]:
+    """`uri` (a file or a folder) as a local path: itself when local, else a temporary download."""
+    if "://" not in uri or uri.startswith("file://"):
+        yield Path(uri.removeprefix("file://"))
+        return
+    fs, path = storage.filesystem(uri, options)
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        target = Path(tmp, PurePosixPath(path).name)
+        fs.get(path, str(target), recursive=fs.isdir(path))
+        yield target
+
+
 def compare(
-    reference: dict[str, Any], drill: dict[str, Any], rounds: int, ppl_tolerance: float, weights_tolerance: float
+    reference: dict[str, Any],
+    drill: dict[str, Any],
+    rounds: int,
+    ppl_tolerance: float,
+    weights_tolerance: float,
+    options: dict[str, Any] | None = None,
 ) -> list[dict]:
-    """Rows of (what, reference, drill, verdict) for the final allocation, the weights and the test ppl."""
+    """Rows of (what, reference, drill, verdict) for the final allocation, the weights and the test ppl;
+    `options` open an s3:// root (its endpoint)."""
     from lightrnn.allocation import Allocation
     from lightrnn.export import load_model
 
+    options = options or {}
     rows = []
-    ref_alloc = Allocation.load(f"{reference['root']}/allocation/phase-{rounds}.parquet")
-    got_alloc = Allocation.load(f"{drill['root']}/allocation/phase-{rounds}.parquet")
+    allocations = []
+    for run in (reference, drill):
+        with local_copy(f"{run['root']}/allocation/phase-{rounds}.parquet", options) as path:
+            allocations.append(Allocation.load(path))
+    ref_alloc, got_alloc = allocations
     moved = int(np.sum(ref_alloc.cell_of != got_alloc.cell_of))
     rows.append(("allocation", f"phase-{rounds}", f"{moved} words elsewhere", moved == 0))
-    ref_model, _ = load_model(reference["export"])
-    got_model, _ = load_model(drill["export"])
+    with local_copy(reference["export"], options) as ref_dir, local_copy(drill["export"], options) as got_dir:
+        ref_model, _ = load_model(ref_dir)
+        got_model, _ = load_model(got_dir)
     ref_state, got_state = ref_model.state_dict(), got_model.state_dict()
     diff = max(float((ref_state[k].float() - got_state[k].float()).abs().max()) for k in ref_state)
     rows.append(("export weights", "", f"max |diff| {diff:.3g}", diff <= weights_tolerance))
@@ -441,7 +468,8 @@ def drill(args: argparse.Namespace, config: Any, root: str, log: Path, ray_addre
         attempt = until_done(drill_command, events)
     drill = attempt.summary()
     ref_summary = reference.summary()
-    checks = compare(ref_summary, drill, config.rounds, args.ppl_tolerance, args.weights_tolerance)
+    options = {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {}
+    checks = compare(ref_summary, drill, config.rounds, args.ppl_tolerance, args.weights_tolerance, options)
     problems = mlflow_check(args.tracking_uri, drill["root"], stages)
     checks.append({"what": "MLflow runs", "reference": "", "drill": "; ".join(problems) or "ok", "ok": not problems})
 

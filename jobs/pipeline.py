@@ -78,14 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_stages:
         print(json.dumps(stage_names(config)))  # the only line on stdout: a scheduler reads it as a list
         return 0
+    job_env = {}
     if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # before Ray starts: its workers inherit it
+        # the driver's own reads, and every Ray task's and worker's, on a local or a running cluster
+        os.environ["AWS_ENDPOINT_URL"] = job_env["AWS_ENDPOINT_URL"] = args.s3_endpoint
 
     import ray
 
     from pipeline.cluster import connect_ray
 
-    connect_ray(args.workers + 2)  # Train holds one CPU per worker; Ray Data needs the rest
+    connect_ray(args.workers + 2, job_env)  # Train holds one CPU per worker; Ray Data needs the rest
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         summary = run_pipeline(config, options, until=args.until)

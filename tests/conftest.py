@@ -1,8 +1,11 @@
-"""Shared fixtures: paths to the Penn Treebank copy shipped in the repository; clean MLflow state per test."""
+"""Shared fixtures: paths to the Penn Treebank copy shipped in the repository; clean MLflow state per
+test; a real S3-compatible server (moto in server mode on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,3 +36,31 @@ def fresh_mlflow_state() -> Iterator[None]:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     mlflow.set_tracking_uri(None)
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on a free local port; its endpoint URL. Test credentials are put in the
+    environment for its lifetime (before any ray.init, so Ray workers and subprocesses inherit them)."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in [*S3_CREDENTIALS, "AWS_PROFILE"]}
+    os.environ.update(S3_CREDENTIALS)
+    os.environ.pop("AWS_PROFILE", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, moto_server
 
 from jobs.chaos import RAY_PREFIX, Attempt, draw_kill_points, draw_worker_points, event_key
 
@@ -45,20 +45,32 @@ def test_worker_kill_points_follow_a_training_report_with_another_one_after_it()
     assert all(p.why == "worker" and 0 <= p.delay_s <= 0.5 for p in points)
 
 
-@pytest.mark.slow  # three pipeline runs: minutes; `python -m pytest -m slow tests/test_chaos.py`
-def test_drill_with_two_kills_ends_equal_to_the_uninterrupted_run(tmp_path) -> None:
-    command = [sys.executable, "-m", "jobs.chaos", "--config", "tiny", "--root", str(tmp_path / "drill")]
-    proc = subprocess.run(
-        [*command, "--kills", "2", "--seed", "3", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+def _drill(args: list[str]) -> dict:
+    """`python -m jobs.chaos --config tiny ARGS --json` as a user runs it; its JSON result, checked."""
+    command = [sys.executable, "-m", "jobs.chaos", "--config", "tiny", *args, "--json"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [k["outcome"] for k in result["kills"]] == ["killed", "killed"], result["kills"]
     checks = {c["what"]: c for c in result["checks"]}
     assert set(checks) == {"allocation", "export weights", "test ppl", "MLflow runs"}
     assert all(c["ok"] for c in checks.values()) and checks["MLflow runs"]["drill"] == "ok", checks
+    assert checks["export weights"]["drill"] == "max |diff| 0", checks  # bit for bit
+    return result
+
+
+@pytest.mark.slow  # three pipeline runs: minutes; `python -m pytest -m slow tests/test_chaos.py`
+def test_drill_with_two_kills_ends_equal_to_the_uninterrupted_run(tmp_path) -> None:
+    result = _drill(["--root", str(tmp_path / "drill"), "--kills", "2", "--seed", "3"])
+    assert [k["outcome"] for k in result["kills"]] == ["killed", "killed"], result["kills"]
+
+
+@pytest.mark.slow
+def test_drill_on_an_s3_root_with_a_worker_kill_ends_equal_to_the_uninterrupted_run(tmp_path) -> None:
+    import boto3
+
+    with moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="drills")
+        where = ["--root", "s3://drills/tiny", "--s3-endpoint", endpoint, "--work", str(tmp_path)]
+        result = _drill([*where, "--kills", "2", "--worker-kills", "1", "--seed", "4"])
+    outcomes = [k["outcome"] for k in result["kills"]]
+    assert outcomes.count("killed") == 2 and sum(o.startswith("worker ") for o in outcomes) == 1, result["kills"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from moto.server import ThreadedMotoServer
+from conftest import moto_server
 
 from lightrnn.corpus import encode_file
 from pipeline import storage
@@ -22,30 +21,11 @@ from pipeline.dataset import open_dataset
 from pipeline.prepare import prepare
 from pipeline.runconfig import DataConfig
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_PROFILE"]}
-    os.environ.update(CREDENTIALS)  # before ray.init, so Ray workers inherit them
-    os.environ.pop("AWS_PROFILE", None)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module", autouse=True)
