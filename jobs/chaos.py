@@ -204,7 +204,9 @@ def run_attempt(
                 attempt.worker_kills.append({"event": due.event, "delay_s": due.delay_s, "pid": pid, **at})
                 worker_points.remove(due)  # type: ignore[union-attr]
             if point is not None and position >= point.event:
-                time.sleep(point.delay_s)
+                # past the point's line (a resumed attempt skips what is committed): kill at once,
+                # as the stage now running may end sooner than the point's delay
+                time.sleep(point.delay_s if position == point.event else 0.0)
                 attempt.killed_at = line
                 os.killpg(proc.pid, signal.SIGKILL)
                 break

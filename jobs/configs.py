@@ -3,6 +3,11 @@
 tiny       seconds; the tests (PTB's valid split as training text)
 ptb        the README demo: Penn Treebank, 2 x 200 LSTM, on a 2-core CPU in minutes
 wikitext2  WikiText-2 (33k words), same model size, a longer CPU run
+clueweb-sim  the clueweb path on one machine: a synthetic Zipf corpus of Parquet documents (20M
+           distinct words, 330M tokens) written first by
+           python -m jobs.synth_corpus --distinct 20000000 --tokens 330000000 --files 66 --valid-files 1 \
+               --test-files 1 --format parquet --output runs/clueweb-sim-corpus
+           then the real 10M-word vocabulary, a 1 x 32 LightRNN, two phases, one reallocation
 clueweb    a 10M-word vocabulary on a GPU cluster: set data.train/valid/test to your corpus URIs
 """
 
@@ -16,6 +21,8 @@ from pipeline.runconfig import SECTIONS, DataConfig, ResourcesConfig, RunConfig
 __all__ = ["PRESETS", "SECTIONS", "DataConfig", "RunConfig", "get_preset"]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# where `clueweb-sim` reads its corpus unless data.train/valid/test are set (to s3://... for instance)
+SIM_CORPUS = Path(__file__).resolve().parents[1] / "runs" / "clueweb-sim-corpus"
 
 
 def _data(folder: str, train: str, valid: str, test: str) -> tuple[str, str, str]:
@@ -47,6 +54,22 @@ PRESETS: dict[str, RunConfig] = {
         model=ModelConfig(embed_dim=200, hidden_dim=200, num_layers=2, dropout=0.2),
         train=TrainConfig(batch_size=20, bptt=35, epochs=2.0, lr=3e-3, log_every=200),
         realloc=ReallocConfig(rounds=2, span=0.5),
+    ),
+    # The clueweb path at its real vocabulary size with a model small enough for a 2-core CPU: the
+    # corpus stage, a 3,163 x 3,162 table, the cost pass over 5M targets and one reallocation of
+    # every word (docs/scaling.md has the figures).
+    "clueweb-sim": RunConfig(
+        name="clueweb-sim",
+        data=DataConfig(
+            train=str(SIM_CORPUS / "train"),
+            valid=str(SIM_CORPUS / "valid"),
+            test=str(SIM_CORPUS / "test"),
+            max_vocab=10_000_000,
+            block_len=8192,
+        ),
+        model=ModelConfig(embed_dim=32, hidden_dim=32, num_layers=1, dropout=0.0),
+        train=TrainConfig(batch_size=64, bptt=35, max_steps=1000, lr=1e-2, log_every=100, eval_batch_size=64),
+        realloc=ReallocConfig(rounds=1, method="two_stage", cost_tokens=5_000_000),
     ),
     # Not run here. A 3,163 x 3,163 table; 16 GPU workers of 16 blocks each; the reallocation task
     # asks for a large CPU node (docs/results.md has the measured solve times and memory).

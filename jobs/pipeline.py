@@ -95,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if "test_ppl" in summary:
+        floors = (
+            f" (a unigram model of the training counts: {summary['test_unigram_ppl']:.2f}; a uniform guess: "
+            f"{summary['uniform_ppl']:,.0f})"
+            if summary.get("test_unigram_ppl")
+            else ""
+        )
         print(
-            f"[done] {summary['model']} on {summary['config']}: test ppl {summary['test_ppl']:.2f}, "
+            f"[done] {summary['model']} on {summary['config']}: test ppl {summary['test_ppl']:.2f}{floors}, "
             f"valid ppl {summary['valid_ppl']:.2f}\n"
             f"       model: {summary['export']} (int8: {summary['export_int8']}; MLflow: {summary['mlflow_model']})",
             flush=True,

@@ -5,6 +5,7 @@ Layout under the dataset root:
     manifest.json                    the commit: config, counts, shard list (written last)
     vocab.parquet                    lightrnn.vocab.Vocabulary (word, count), id = row
     shards/SPLIT-NNNNN-RUN.parquet   rows (split: string, block: int64, tokens: list<int32>)
+    shards/SPLIT-edges-NNNNN-RUN.parquet   the same, for the blocks that straddle two input units
 
 A split's stream is its blocks' tokens concatenated in `block` order; every block holds
 `block_len` tokens except possibly the split's last.
@@ -12,6 +13,7 @@ A split's stream is its blocks' tokens concatenated in `block` order; every bloc
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +35,11 @@ class DatasetError(storage.StorageError):
     """A committed dataset whose files are missing, unreadable or not ours."""
 
 
+def is_edges_shard(name: str, split: str) -> bool:
+    """Whether shard file `name` holds `split`'s straddling blocks (as `pipeline.prepare` names them)."""
+    return posixpath.basename(name).startswith(f"{split}-edges-")
+
+
 class TokenDataset:
     """A committed prepared dataset: manifest, vocabulary and token streams per split."""
 
@@ -49,10 +56,16 @@ class TokenDataset:
     def block_len(self) -> int:
         return int(self.manifest["config"]["block_len"])
 
-    def shard_uris(self, split: str) -> list[str]:
+    def shard_uris(self, split: str, edges: bool | None = None) -> list[str]:
+        """The split's shard files as the manifest lists them: the units' shards in block order, then
+        the "edges" shards of the blocks that straddle two units (`pipeline.blocks`), in block order
+        too. `edges` True or False keeps only those or only the others."""
         if split not in self.manifest["splits"]:
             raise KeyError(f"{self.root} has no split {split!r}; it has {', '.join(self.splits)}")
-        return [storage.join(self.root, s) for s in self.manifest["splits"][split]["shards"]]
+        names = self.manifest["splits"][split]["shards"]
+        if edges is not None:
+            names = [n for n in names if is_edges_shard(n, split) == edges]
+        return [storage.join(self.root, s) for s in names]
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +79,14 @@ class TokenDataset:
         if counts.shape[0] != self.vocab_size:
             raise DatasetError(f"{self.root}: vocabulary has {counts.shape[0]} words, manifest says {self.vocab_size}")
         return counts
+
+    def unigram_ppl(self, split: str) -> float:
+        """Perplexity of `split`'s targets (every token after the first) under the training counts as
+        a unigram model, a word counted 0 times taken as 1. On text drawn word by word from a fixed
+        distribution, such as the synthetic Zipf corpus, no model does better in expectation."""
+        counts = np.maximum(self.vocab_counts(), 1).astype(np.float64)
+        log_p = np.log(counts) - np.log(counts.sum())
+        return float(np.exp(-log_p[self.tokens(split)[1:]].mean()))
 
     def vocab(self) -> Vocabulary:
         """The whole vocabulary, words included (1-2 GB of Python objects at 10M words)."""
@@ -95,13 +116,14 @@ class TokenDataset:
             raise DatasetError(f"{self.root}: {split} holds {stream.shape[0]} tokens, manifest says {expected}")
         return stream
 
-    def ray_dataset(self, split: str):  # -> ray.data.Dataset; ray imported lazily
-        """The split's blocks as a Ray Dataset (rows: split, block, tokens; not sorted)."""
+    def ray_dataset(self, split: str, edges: bool | None = None):  # -> ray.data.Dataset | None; ray imported lazily
+        """The split's blocks as a Ray Dataset (rows: split, block, tokens), its files in manifest
+        order; `edges` as in `shard_uris`; None when that selects no file."""
         import ray.data
 
         fs, _ = storage.filesystem(self.root, self.storage_options)
-        paths = [storage.filesystem(u, self.storage_options)[1] for u in self.shard_uris(split)]
-        return ray.data.read_parquet(paths, filesystem=fs)
+        paths = [storage.filesystem(u, self.storage_options)[1] for u in self.shard_uris(split, edges)]
+        return ray.data.read_parquet(paths, filesystem=fs) if paths else None
 
     def read_shard(self, uri: str) -> pa.Table:
         try:

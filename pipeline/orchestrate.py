@@ -46,7 +46,7 @@ _PARENT_METRICS = {
     "data": ("", ("vocab_size", "train_tokens")),
     "train": ("phase_", ("valid_ppl", "words_per_s", "train_loss")),
     "realloc": ("realloc_", ("cost_before", "cost_after", "words_moved", "seconds")),
-    "evaluate": ("final_", ("test_ppl", "valid_ppl")),
+    "evaluate": ("final_", ("test_ppl", "valid_ppl", "test_unigram_ppl")),
     "export": ("", ("export_mb", "export_int8_mb")),
 }
 _PARENT_NAMES = {"realloc_seconds": "realloc_solve_seconds"}
@@ -235,6 +235,8 @@ class Pipeline:
             **self.progress(),
             "test_ppl": evaluation.get("test_ppl"),
             "valid_ppl": evaluation.get("valid_ppl"),
+            "test_unigram_ppl": evaluation.get("test_unigram_ppl"),
+            "uniform_ppl": evaluation.get("uniform_ppl"),
             "valid_ppl_per_phase": [p.get("valid_ppl") for p in phases],
             "words_moved": [self.metrics[f"realloc-{k}"].get("words_moved") for k in range(rounds)],
             "words_per_s": [p.get("words_per_s") for p in phases],

@@ -177,7 +177,7 @@ def train_phase(
         raise PipelineError(f"phase {phase} left no checkpoint under {run_dir}")
     metrics = {
         k: float(result[k])
-        for k in ("valid_ppl", "words_per_s", "steps", "train_seconds")
+        for k in ("valid_ppl", "words_per_s", "steps", "train_seconds", "peak_worker_mb")
         if result.get(k) is not None and math.isfinite(float(result[k]))
     }
     if result.get("window_train_loss") is not None:
@@ -243,6 +243,9 @@ def evaluate(ctx: StageContext, trained: TrainOutput) -> tuple[EvalOutput, Metri
     if not metrics:
         t = ctx.config.train
         metrics = tasks.evaluate_checkpoint(trained.checkpoint, ctx.root.data, t.eval_batch_size, t.bptt)
+    dataset = open_dataset(ctx.root.data)
+    if "test" in dataset.splits:  # beside the model's figure: a unigram model's, and a uniform guess's
+        metrics = {**metrics, "test_unigram_ppl": dataset.unigram_ppl("test"), "uniform_ppl": float(dataset.vocab_size)}
     print("[evaluate] " + ", ".join(f"{k} {v:,.2f}" for k, v in metrics.items()), flush=True)
     return EvalOutput(trained.checkpoint), metrics
 

@@ -96,10 +96,21 @@ def write_corpus(
     fmt: str = "text",
     compress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    valid_files: int = 0,
+    test_files: int = 0,
 ) -> list[str]:
-    """Write `files` files under `output` in parallel (Ray tasks); returns their URIs."""
+    """Write `files` files under `output` in parallel (Ray tasks); returns their URIs.
+
+    With `valid_files` or `test_files`, the last of the `files` go to `output/valid/` and
+    `output/test/` and the others to `output/train/`: held-out text drawn from the same law.
+    """
     if distinct < 1 or files < 1:
         raise ValueError(f"distinct and files must be >= 1, got distinct={distinct}, files={files}")
+    if valid_files < 0 or test_files < 0 or valid_files + test_files >= files:
+        raise ValueError(
+            f"valid_files ({valid_files}) and test_files ({test_files}) must be >= 0 and leave at least one "
+            f"of the {files} files for training"
+        )
     if tokens < distinct:
         raise ValueError(f"tokens ({tokens}) must be >= distinct ({distinct}): every word is written at least once")
     if fmt not in FORMATS:
@@ -108,7 +119,10 @@ def write_corpus(
         raise ValueError("compress applies to text; Parquet files are compressed inside")
     suffix = ".parquet" if fmt == "parquet" else ".txt" + (".gz" if compress else "")
     so = dict(storage_options or {})
-    uris = [storage.join(output, f"part-{i:05d}{suffix}") for i in range(files)]
+    train = files - valid_files - test_files
+    split = ["train"] * train + ["valid"] * valid_files + ["test"] * test_files
+    folders = [storage.join(output, name) if train < files else output for name in split]
+    uris = [storage.join(folder, f"part-{i:05d}{suffix}") for i, folder in enumerate(folders)]
     task = ray.remote(write_file)
     ray.get([task.remote(u, i, files, distinct, tokens, exponent, seed, fmt, so) for i, u in enumerate(uris)])
     return uris

@@ -25,7 +25,7 @@ from lightrnn.config import ModelConfig, TrainConfig
 from pipeline import storage
 from pipeline.checkpoint import Schedule, has_run, make_schedule
 from pipeline.dataset import TokenDataset, open_dataset
-from pipeline.train_loop import DistConfig, train_loop_per_worker
+from pipeline.train_loop import EDGES, DistConfig, train_loop_per_worker
 
 __all__ = ["DistConfig", "RunExistsError", "run_training"]
 
@@ -53,7 +53,8 @@ class ProgressCallback(ray.train.UserCallback):
 
 
 class BlockRangeDataConfig(ray.train.DataConfig):
-    """Rank r streams the blocks `schedule.rank_range(r)` of the "train" dataset, in block order.
+    """Rank r streams the blocks `schedule.rank_range(r)` of each dataset ("train", the units'
+    shards, and EDGES, the straddling blocks), each in block order.
 
     Ray Train's default `streaming_split` hands blocks to whichever worker asks next, so
     which blocks a rank reads (and in which order) changes from run to run and after every
@@ -75,10 +76,13 @@ class BlockRangeDataConfig(ray.train.DataConfig):
         output = []
         for rank in range(world_size):
             start, stop = self.schedule.rank_range(rank)
-            ranged = datasets["train"].filter(expr=f"block >= {start} and block < {stop}")
-            ranged.set_name(f"train-rank{rank}")
-            ranged.context.execution_options = options
-            output.append({"train": ranged.iterator()})
+            iterators = {}
+            for name, dataset in datasets.items():
+                ranged = dataset.filter(expr=f"block >= {start} and block < {stop}")
+                ranged.set_name(f"{name}-rank{rank}")
+                ranged.context.execution_options = options
+                iterators[name] = ranged.iterator()
+            output.append(iterators)
         return output
 
 
@@ -123,8 +127,13 @@ def run_training(
     if resume and not exists:
         raise RunExistsError(f"--resume: {run_dir} holds no checkpointed run to continue")
 
-    # Ray Data reads lazily; each worker streams its own block range (BlockRangeDataConfig)
-    train_ds = dataset.ray_dataset("train").select_columns(["block", "tokens"])
+    # Ray Data reads lazily; each worker streams its own block range (BlockRangeDataConfig) from
+    # the units' shards and, beside them, from the edges' shards, and merges the two by block id
+    train_sets = {
+        name: ds.select_columns(["block", "tokens"])
+        for name, ds in (("train", dataset.ray_dataset("train", False)), (EDGES, dataset.ray_dataset("train", True)))
+        if ds is not None
+    }
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -132,6 +141,7 @@ def run_training(
             "train": asdict(train_config),
             "dist": asdict(job),
             "train_blocks": train_blocks,
+            "datasets": list(train_sets),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu),
         run_config=ray.train.RunConfig(
@@ -141,7 +151,7 @@ def run_training(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
             callbacks=[ProgressCallback()],
         ),
-        datasets={"train": train_ds},
+        datasets=train_sets,
         dataset_config=BlockRangeDataConfig(schedule),
     )
     print(
@@ -178,6 +188,7 @@ def _summary(result: ray.train.Result, run_dir: str, workers: int) -> dict[str, 
         "words_per_s": metrics["attempt_words"] / seconds if seconds else None,
         "train_words": metrics.get("attempt_words"),
         "train_seconds": seconds,
+        "peak_worker_mb": metrics.get("peak_worker_mb"),  # the largest worker's private memory (pipeline.memory)
         # Checkpoint.path drops the URI scheme on remote storage: name it under the run instead
         "checkpoint": storage.join(run_dir, posixpath.basename(result.checkpoint.path.rstrip("/")))
         if result.checkpoint

@@ -39,12 +39,13 @@ checkpoints and MLflow at report steps).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -69,9 +70,11 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.dataset import open_dataset
+from pipeline.memory import peak_rss_mb, reset_peak
 from pipeline.train_eval import evaluator
 
 OPTIMIZERS = ("adam", "sgd")
+EDGES = "train_edges"  # the Ray Train dataset of the train split's straddling blocks (pipeline.dataset)
 
 
 @dataclass(frozen=True)
@@ -233,8 +236,26 @@ def check_blocks(batch: pa.Table, expected: np.ndarray, rank: int, index: int) -
         )
 
 
+def in_block_order(streams: list[Iterable[pa.Table]], size: int) -> Iterator[pa.Table]:
+    """Tables of `size` rows from `streams` (each in block order) merged by block id; a last
+    incomplete batch is dropped. The units' shards and the edges' shards of a rank's block range
+    are two such streams: the straddling blocks go between the others."""
+
+    def rows(stream: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table]]:
+        for table in stream:
+            for i, block in enumerate(table.column("block").to_numpy().tolist()):
+                yield block, table.slice(i, 1)
+
+    pending: list[pa.Table] = []
+    for _, row in heapq.merge(*(rows(s) for s in streams), key=lambda item: item[0]):
+        pending.append(row)
+        if len(pending) == size:
+            yield pa.concat_tables(pending).combine_chunks()
+            pending = []
+
+
 def segment_stream(
-    shard: Any,
+    shards: list[Any],
     schedule: Schedule,
     block_len: int,
     vocab_size: int,
@@ -243,7 +264,8 @@ def segment_stream(
     device: torch.device,
     rank: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(tokens_BT, targets_BT, segment) for steps `span` = [start, stop) of this rank, in order.
+    """(tokens_BT, targets_BT, segment) for steps `span` = [start, stop) of this rank, in order,
+    from `shards` (Ray Data iterators of the rank's block range, merged by block id).
 
     Each epoch re-reads the rank's block range; batches a restored run had consumed before
     its checkpoint are skipped, and its first batch starts at the checkpoint's segment.
@@ -252,9 +274,11 @@ def segment_stream(
     step, stop = span
     while step < stop:
         epoch, first_batch, first_segment = schedule.position(step)
-        batches = shard.iter_batches(
-            batch_size=schedule.local_batch, batch_format="pyarrow", drop_last=True, prefetch_batches=2
-        )
+        streams = [
+            shard.iter_batches(batch_size=schedule.local_batch, batch_format="pyarrow", prefetch_batches=2)
+            for shard in shards
+        ]
+        batches = in_block_order(streams, schedule.local_batch)
         index = -1
         for index, batch in enumerate(batches):
             if index >= schedule.batches_per_epoch or step >= stop:
@@ -370,8 +394,10 @@ class Reporter:
         test perplexity, and both go into the checkpoint as its `evaluation`. A checkpoint
         taken inside a batch also holds every rank's `lstm_state` (gathered to rank 0).
         """
+        peak = torch.tensor([peak_rss_mb()], dtype=torch.float64, device=self.window.device)
         if self.world > 1:
             dist.all_reduce(self.window)  # global loss and words, the same figures on every rank
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the largest worker's private memory so far
         now = time.perf_counter()
         loss_sum, words = self.window.tolist()
         self.words += int(words)
@@ -388,6 +414,7 @@ class Reporter:
             "attempt_words": self.words,
             "attempt_seconds": now - self.attempt_start - self.eval_seconds,
             "final_train_loss": float(self.last_loss),
+            "peak_worker_mb": float(peak),
         }
         evaluation: dict[str, float] = {}
         if step % self.schedule.steps_per_epoch == 0 or step >= self.stop:
@@ -479,6 +506,7 @@ def ddp_options(model_config: ModelConfig) -> dict[str, Any]:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; `loop_config` holds the asdict'ed model, train and dist configs."""
+    reset_peak()
     job = from_dict(DistConfig, loop_config["dist"])
     _quiet_report_lines()
     train_config = from_dict(TrainConfig, loop_config["train"])
@@ -507,9 +535,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     start.model.train()
     step, state = start.step, start.lstm_state
-    shard = ray.train.get_dataset_shard("train")
+    shards = [ray.train.get_dataset_shard(name) for name in loop_config["datasets"]]
     steps = segment_stream(
-        shard, schedule, dataset.block_len, model_config.vocab_size, train_config.bptt, (step, stop), device, rank
+        shards, schedule, dataset.block_len, model_config.vocab_size, train_config.bptt, (step, stop), device, rank
     )
     for x_BT, y_BT, segment in steps:
         reporter.start_timing()

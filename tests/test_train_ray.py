@@ -39,7 +39,7 @@ from pipeline.dataset import open_dataset
 from pipeline.prepare import prepare
 from pipeline.runconfig import DataConfig
 from pipeline.train import DistConfig, RunExistsError, run_training
-from pipeline.train_loop import check_blocks, train_loop_per_worker
+from pipeline.train_loop import check_blocks, in_block_order, train_loop_per_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = get_preset("tiny")
@@ -58,9 +58,17 @@ def ray_local() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def data(ptb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("ptb-small") / "prepared")
+    folder = tmp_path_factory.mktemp("ptb-small")
+    out = str(folder / "prepared")
+    # PTB valid as two files: two input units, so a block straddles them and lands in an "edges"
+    # shard listed after the units' shards; the workers still read every block in block order
+    lines = (ptb_dir / "ptb.valid.txt").read_text().splitlines(keepends=True)
+    (folder / "train").mkdir()
+    (folder / "train" / "part-0.txt").write_text("".join(lines[: len(lines) // 3]))
+    (folder / "train" / "part-1.txt").write_text("".join(lines[len(lines) // 3 :]))
     test = str(ptb_dir / "ptb.test.txt")  # valid and test the same text: tests compare the two figures
-    prepare(DataConfig(train=str(ptb_dir / "ptb.valid.txt"), valid=test, test=test, block_len=2000), out)
+    prepare(DataConfig(train=str(folder / "train"), valid=test, test=test, block_len=2000), out)
+    assert open_dataset(out).shard_uris("train", edges=True), "the fixture should have a straddling block"
     return out
 
 
@@ -297,3 +305,14 @@ def test_ranks_read_disjoint_block_ranges_and_refuse_a_batch_out_of_order() -> N
     check_blocks(pa.table({"block": [36, 37]}), schedule.batch_blocks(1, 1), 1, 1)
     with pytest.raises(RuntimeError, match="not in block order"):
         check_blocks(pa.table({"block": [37, 36]}), schedule.batch_blocks(1, 1), 1, 1)
+
+
+def test_units_and_edges_merge_into_batches_in_block_order() -> None:
+    def stream(*tables: list[int]) -> list[pa.Table]:
+        return [pa.table({"block": t, "tokens": [[b] * 3 for b in t]}) for t in tables]
+
+    units = stream([0, 1, 2], [4, 5], [7, 8])  # as Ray Data hands them over: any batch sizes
+    edges = stream([3], [6, 9])  # the blocks that straddle two units
+    batches = list(in_block_order([units, edges], 4))
+    assert [b.column("block").to_pylist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 8, 9 incomplete
+    assert batches[1].column("tokens").to_pylist()[2] == [6, 6, 6]
