@@ -7,7 +7,8 @@ First an uninterrupted run (ROOT/reference) records when each `[stage] NAME` and
 line appears. Kill points are drawn from those lines: the start of the cost pass, the solve
 and the export, a training report that carries a checkpoint (the checkpoint is being
 written and committed then), and random lines after them, each with a random delay up to
-the next line. The drill run (ROOT/drill) is started as `python -m jobs.pipeline` in a
+the next line (an attempt that skips committed stages past a point's line is killed at its
+first line beyond it). The drill run (ROOT/drill) is started as `python -m jobs.pipeline` in a
 session of its own; at each kill point its whole process group, and every process it
 started (local Ray included, found by an environment tag), gets SIGKILL, then the same
 command runs again, until one attempt finishes. With `--worker-kills M`, M more points

@@ -70,9 +70,11 @@ PRESETS: dict[str, RunConfig] = {
         model=ModelConfig(embed_dim=32, hidden_dim=32, num_layers=1, dropout=0.0),
         train=TrainConfig(batch_size=64, bptt=35, max_steps=1000, lr=1e-2, log_every=100, eval_batch_size=64),
         realloc=ReallocConfig(rounds=1, method="two_stage", cost_tokens=5_000_000),
+        resources=ResourcesConfig(realloc_cpus=1, realloc_memory_mb=8_000),
     ),
-    # Not run here. A 3,163 x 3,163 table; 16 GPU workers of 16 blocks each; the reallocation task
-    # asks for a large CPU node (docs/results.md has the measured solve times and memory).
+    # Not run here. A 3,163 x 3,162 table; 16 GPU workers of 16 blocks each. The reallocation task's
+    # request comes from the 10M-word rehearsal (docs/scaling.md): 8.1 GB measured at H = 32, and
+    # about 1 GB more of cost blocks at H = 1024, with room to spare.
     "clueweb": RunConfig(
         name="clueweb",
         data=DataConfig(
@@ -86,7 +88,7 @@ PRESETS: dict[str, RunConfig] = {
         model=ModelConfig(embed_dim=1024, hidden_dim=1024, num_layers=2, dropout=0.1),
         train=TrainConfig(batch_size=256, bptt=35, epochs=1.0, lr=1e-3, log_every=500, eval_batch_size=64),
         realloc=ReallocConfig(rounds=2, span=0.5, cost_tokens=200_000_000),
-        resources=ResourcesConfig(realloc_cpus=32, realloc_memory_mb=256_000),
+        resources=ResourcesConfig(realloc_cpus=8, realloc_memory_mb=16_000),
     ),
 }
 

@@ -61,9 +61,10 @@ class RayMapper:
         return results
 
 
-# what the two_stage solve holds per word besides its cost blocks (candidates, matchings),
-# measured by `jobs.bench realloc` (docs/results.md); exact needs more (docs/guide.md)
-SOLVE_BYTES_PER_WORD = {"two_stage": 1_200, "exact": 2_000}
+# what the solve holds per word besides its cost blocks (candidates, matchings): two_stage
+# peaked at 8,122 MiB at V = 10M, H = 32 in the pipeline, 3.35 GB of it the blocks' bound
+# (docs/scaling.md), about 520 bytes a word; exact needs more (docs/guide.md)
+SOLVE_BYTES_PER_WORD = {"two_stage": 600, "exact": 2_000}
 _BLOCK_WORDS = 65_536  # words per cost block the solver reads (lightrnn.realloc's block_size)
 
 

@@ -394,7 +394,7 @@ def test_crd_validation_refuses_unknown_fields_wrong_types_and_missing_parts() -
 
 # vCPUs, GiB of memory and NVIDIA GPUs of the EC2 instance types used (AWS's instance type pages);
 # Ray's launcher reads the same from EC2 (fillout_available_node_types_resources)
-EC2 = {"m6i.4xlarge": (16, 64, 0), "g5.2xlarge": (8, 32, 1), "r6i.16xlarge": (64, 512, 0)}
+EC2 = {"m6i.4xlarge": (16, 64, 0), "g5.2xlarge": (8, 32, 1), "r6i.4xlarge": (16, 128, 0)}
 # the vocabulary of the largest corpus shipped in data/ (WikiText-2: 33,278 words), for the
 # configurations that keep every word (max_vocab 0)
 BUNDLED_VOCAB = 33_278
@@ -511,7 +511,12 @@ def test_fit_check_refuses_a_cluster_too_small() -> None:
         t: v for t, v in types.items() if v["resources"]["memory"] < realloc_demand(get_preset("clueweb"))["memory"]
     }
     assert check_fit(no_big, cap, ("clueweb", 16, True)), "the reallocation task fits no node, yet passes"
-    assert check_fit(types, 16, ("clueweb", 16, True)), "the launcher's cap on all workers is not counted"
+    assert check_fit(types, 15, ("clueweb", 16, True)), "the launcher's cap on all workers is not counted"
+    # a head too small for the reallocation task: it needs a node of its own, the 17th
+    tiny_head = {**types["head"], "resources": {**types["head"]["resources"], "memory": 2**30}}
+    small_head = {**types, "head": tiny_head}
+    assert not check_fit(small_head, 17, ("clueweb", 16, True))
+    assert check_fit(small_head, 16, ("clueweb", 16, True)), "the reallocation node is not counted against the cap"
 
 
 # ---------------------------------------------------------------- the scheduler: an Argo Workflow of RayJobs
