@@ -50,6 +50,8 @@ _PARENT_METRICS = {
     "export": ("", ("export_mb", "export_int8_mb")),
 }
 _PARENT_NAMES = {"realloc_seconds": "realloc_solve_seconds"}
+# a stage's tokens in the stage_costs table: trained or scored, or the corpus's train split
+_TOKEN_KEYS = ("tokens", "train_tokens", "test_tokens")
 
 
 class UntilStageReachedError(Exception):
@@ -139,7 +141,7 @@ class Pipeline:
                     "seconds": record.get("seconds"),
                     "peak_driver_mb": record.get("peak_driver_mb"),
                     "peak_worker_mb": record.get("peak_worker_mb"),
-                    "tokens": metrics.get("tokens", metrics.get("train_tokens", metrics.get("train_words"))),
+                    "tokens": next((metrics[k] for k in _TOKEN_KEYS if k in metrics), None),
                     "words": metrics.get("vocab_size", metrics.get("words_seen", metrics.get("words_moved"))),
                 }
             )

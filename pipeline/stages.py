@@ -182,6 +182,8 @@ def train_phase(
     }
     if result.get("window_train_loss") is not None:
         metrics["train_loss"] = float(result["window_train_loss"])
+    train = ctx.config.train  # the phase's steps of batch_size blocks x bptt targets
+    metrics["tokens"] = float((bounds[phase + 1] - bounds[phase]) * train.batch_size * train.bptt)
     if allocation:
         _log_allocation(ctx, phase, allocation, counts)
     _log_curves(ctx)

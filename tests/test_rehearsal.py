@@ -83,6 +83,9 @@ def test_clueweb_path_at_200k_words_on_s3(tmp_path: Path) -> None:
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert [r["stage"] for r in rows] == list(records)
     assert all(r["seconds"] == records[r["stage"]]["seconds"] for r in rows)
+    tokens = {r["stage"]: r["tokens"] for r in rows}
+    assert tokens["train-0"] == tokens["train-1"] == 20 * 16 * 35  # each phase's steps x blocks x BPTT
+    assert tokens["data"] > 500_000 and tokens["costs-0"] == costs["tokens"] and tokens["evaluate"] > 0
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
     )
