@@ -35,8 +35,13 @@ class DatasetError(storage.StorageError):
     """A committed dataset whose files are missing, unreadable or not ours."""
 
 
+def edges_shard_name(split: str, index: int, run_id: str) -> str:
+    """The file name of `split`'s edges shard `index` (the blocks that straddle two input units)."""
+    return f"{split}-edges-{index:05d}-{run_id}.parquet"
+
+
 def is_edges_shard(name: str, split: str) -> bool:
-    """Whether shard file `name` holds `split`'s straddling blocks (as `pipeline.prepare` names them)."""
+    """Whether shard file `name` is one of `split`'s edges shards (`edges_shard_name`)."""
     return posixpath.basename(name).startswith(f"{split}-edges-")
 
 

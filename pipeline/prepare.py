@@ -34,7 +34,7 @@ from lightrnn.wordcodes import Encoded, word_codes, word_hashes
 from pipeline import storage
 from pipeline.blocks import BlockCutter, Piece, ShardWriter, join_pieces, write_edges
 from pipeline.counting import select_vocabulary, unit_pieces
-from pipeline.dataset import VOCAB_FILE
+from pipeline.dataset import VOCAB_FILE, edges_shard_name
 from pipeline.memory import peak_rss_mb, reset_peak
 from pipeline.runconfig import DataConfig
 from pipeline.sources import CorpusError, Unit, expand_inputs, plan_file, unit_chunks
@@ -266,7 +266,7 @@ def _encode_split(
                 yield from edge_pieces
 
     def edge_uri(i: int) -> str:
-        return storage.join(root, SHARDS_DIR, f"{split}-edges-{i:05d}-{run_id}.parquet")
+        return storage.join(root, SHARDS_DIR, edges_shard_name(split, i, run_id))
 
     edges, edge_blocks = write_edges(split, join_pieces(split, pieces()), edge_uri, reading.storage_options)
     shards = [e["shard"] for e in encoded if e["shard"]] + edges
