@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 MODEL_KINDS = ("lightrnn", "full", "adaptive")
+LIGHTRNN_INPUTS = ("interleaved", "joint")
 LR_SCHEDULES = ("cosine", "constant")
 
 C = TypeVar("C")
@@ -25,12 +26,18 @@ class ModelConfig:
     hidden_dim: int = 200  # ditto
     num_layers: int = 2  # ditto
     dropout: float = 0.2  # light regularisation for short CPU budgets
-    tie_weights: bool = False  # full softmax only; needs embed_dim == hidden_dim
+    tie_weights: bool = False  # full or lightrnn (row and column vectors in = out); needs embed_dim == hidden_dim
     adaptive_cutoffs: tuple[int, ...] = ()  # adaptive only; () = (V // 20, V // 4)
+    # lightrnn only, one of LIGHTRNN_INPUTS: "interleaved" reads a word's row vector, then its
+    # column vector (two LSTM steps per word, as the paper); "joint" reads both at once (one step)
+    # and conditions the column head on the target row's vector (lightrnn.model docstring)
+    lightrnn_input: str = "interleaved"
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"model kind must be one of {', '.join(MODEL_KINDS)}; got {self.kind!r}")
+        if self.lightrnn_input not in LIGHTRNN_INPUTS:
+            raise ValueError(f"lightrnn_input must be one of {', '.join(LIGHTRNN_INPUTS)}; got {self.lightrnn_input!r}")
         if self.vocab_size != 0 and self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2 (a language model needs a choice), got {self.vocab_size}")
         for name in ("embed_dim", "hidden_dim", "num_layers"):
@@ -38,9 +45,9 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.tie_weights and (self.kind != "full" or self.embed_dim != self.hidden_dim):
+        if self.tie_weights and (self.kind == "adaptive" or self.embed_dim != self.hidden_dim):
             raise ValueError(
-                "tie_weights needs kind='full' and embed_dim == hidden_dim "
+                "tie_weights needs kind='full' or 'lightrnn' and embed_dim == hidden_dim "
                 f"(got kind={self.kind!r}, embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim})"
             )
         if self.kind == "adaptive" and self.vocab_size:

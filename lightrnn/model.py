@@ -16,6 +16,18 @@ CNTK implementation does, so each word costs two steps of the same recurrence:
 The carried state is the state after c(xT): it summarises whole words only, so
 segments chain exactly. The extra step r(yT) serves the last column prediction.
 
+`ModelConfig.lightrnn_input = "joint"` reads each word in one step instead, from its row
+and column vectors side by side, and gives the column head the target row through a
+small layer mixing the LSTM output with that row's (input) vector:
+
+    input:   [r(x1); c(x1)]  [r(x2); c(x2)] ...  [r(xT); c(xT)]
+    output:        h1              h2      ...        hT
+    ht predicts r(yt)                            (row head)
+    tanh(W [ht; r(yt)] + b) predicts c(yt)       (column head)
+
+Half the LSTM steps per word, and the carried state is again the state after the last
+word. In both modes
+
     log P(w | ctx) = log P_row(r(w) | ctx) + log P_col(c(w) | ctx, r(w))
 
 Empty cells (R * C > V) and empty rows are masked out, so P sums to one over
@@ -83,10 +95,10 @@ class LSTMCore(nn.Module):
     updates float32 weights. Its outputs and state come back in float32.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, input_dim: int | None = None) -> None:
         super().__init__()
         self.lstm = nn.LSTM(
-            config.embed_dim,
+            input_dim or config.embed_dim,
             config.hidden_dim,
             config.num_layers,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
@@ -167,9 +179,15 @@ class LightRNN(LanguageModel):
         self.num_rows, self.num_cols = allocation.num_rows, allocation.num_cols
         self.row_embed = nn.Embedding(self.num_rows, config.embed_dim)
         self.col_embed = nn.Embedding(self.num_cols, config.embed_dim)
-        self.core = LSTMCore(config)
+        self.joint = config.lightrnn_input == "joint"
+        self.core = LSTMCore(config, input_dim=2 * config.embed_dim if self.joint else config.embed_dim)
         self.row_head = nn.Linear(config.hidden_dim, self.num_rows)
         self.col_head = nn.Linear(config.hidden_dim, self.num_cols)
+        if self.joint:  # the column head's view of the target row: tanh(W [h; r(y)] + b)
+            self.col_given_row = nn.Linear(config.hidden_dim + config.embed_dim, config.hidden_dim)
+        if config.tie_weights:  # one vector per row and per column, read and predicted; needs D == H
+            self.row_head.weight = self.row_embed.weight
+            self.col_head.weight = self.col_embed.weight
         # The word table lives in the allocation (allocation.parquet beside every checkpoint and
         # export); these lookups are rebuilt from it, so they are buffers (moved with .to(device))
         # but not part of the state dict. int32: at V = 10M the lookup is 80 MB instead of 160 MB.
@@ -219,12 +237,19 @@ class LightRNN(LanguageModel):
 
     # -- the recurrence ---------------------------------------------------------------
 
-    def _interleave(self, tokens_BT: Tensor) -> Tensor:
-        """(B, T) words -> (B, 2T, D) inputs r(x1), c(x1), r(x2), c(x2), ..."""
+    def _inputs(self, tokens_BT: Tensor) -> Tensor:
+        """(B, T) words -> the LSTM's inputs: (B, 2T, D) r(x1), c(x1), r(x2), ... interleaved,
+        or (B, T, 2D) [r(xt); c(xt)] joint."""
         rows_BTD = self.row_embed(self.row_of[tokens_BT])
         cols_BTD = self.col_embed(self.col_of[tokens_BT])
+        if self.joint:
+            return torch.cat((rows_BTD, cols_BTD), dim=-1)
         B, T, D = rows_BTD.shape
         return torch.stack((rows_BTD, cols_BTD), dim=2).reshape(B, 2 * T, D)
+
+    def _given_row(self, h_NH: Tensor, rows_N: Tensor) -> Tensor:
+        """Joint mode: the column head's input for LSTM outputs `h` and target rows `rows`."""
+        return torch.tanh(self.col_given_row(torch.cat((h_NH, self.row_embed(rows_N)), dim=-1)))
 
     def head_inputs(
         self, tokens_BT: Tensor, targets_BT: Tensor, state: State | None = None, *, check: bool = True
@@ -237,9 +262,13 @@ class LightRNN(LanguageModel):
         if check:
             tokens_BT = check_tokens(tokens_BT, self.vocab_size)
             targets_BT = check_tokens(targets_BT, self.vocab_size, "targets")
-            # the column step after r(x[t+1]) predicts c(y[t]); that is only right in a stream
-            check_shifted(tokens_BT, targets_BT)
-        h_B2TH, state = self.core(self._interleave(tokens_BT), state)
+            if not self.joint:
+                # the column step after r(x[t+1]) predicts c(y[t]); that is only right in a stream
+                check_shifted(tokens_BT, targets_BT)
+        if self.joint:
+            h_BTH, state = self.core(self._inputs(tokens_BT), state)
+            return h_BTH, self._given_row(h_BTH, self.row_of[targets_BT]), state
+        h_B2TH, state = self.core(self._inputs(tokens_BT), state)
         last_row_B1D = self.row_embed(self.row_of[targets_BT[:, -1:]])
         h_last_B1H, _ = self.core(last_row_B1D, state)  # the r(yT) step; state stays after c(xT)
         h_row_BTH = h_B2TH[:, 1::2]
@@ -261,23 +290,29 @@ class LightRNN(LanguageModel):
     def row_log_probs(self, tokens_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """log P_row of the next word's row after `tokens_BT`: (B, R), -inf for empty rows; and the state."""
         tokens_BT = check_tokens(tokens_BT, self.vocab_size)
-        h_B2TH, state = self.core(self._interleave(tokens_BT), state)
-        row_logp_BR = F.log_softmax(self._masked_row_logits(h_B2TH[:, -1]).float(), dim=-1)
+        h_BXH, state = self.core(self._inputs(tokens_BT), state)
+        row_logp_BR = F.log_softmax(self._masked_row_logits(h_BXH[:, -1]).float(), dim=-1)
         return row_logp_BR.masked_fill(~self.occupied_RC.any(dim=1), float("-inf")), state
 
     def column_log_probs(self, state: State, rows_BN: Tensor) -> Tensor:
         """log P_col(c | r) for N rows per context: (B, N, C), -inf on empty cells.
 
         P_col depends on the row read: one LSTM step from each context's `state` (the state
-        after its last word, as `row_log_probs` returns it), fed each row's vector; only the
+        after its last word, as `row_log_probs` returns it), fed each row's vector, or in
+        joint mode the last layer's output in `state` mixed with each row's vector; only the
         rows asked for are computed.
         """
         B, N = rows_BN.shape
-        x_BN1D = self.row_embed.weight[rows_BN].reshape(B * N, 1, -1)
-        state_rows = (state[0].repeat_interleave(N, dim=1), state[1].repeat_interleave(N, dim=1))
-        h_BN1H, _ = self.core(x_BN1D, state_rows)
+        if self.joint:
+            h_BNH = state[0][-1].unsqueeze(1).expand(B, N, -1)
+            h_col_BNH = self._given_row(h_BNH, rows_BN)
+        else:
+            x_BN1D = self.row_embed.weight[rows_BN].reshape(B * N, 1, -1)
+            state_rows = (state[0].repeat_interleave(N, dim=1), state[1].repeat_interleave(N, dim=1))
+            h_BN1H, _ = self.core(x_BN1D, state_rows)
+            h_col_BNH = h_BN1H.view(B, N, -1)
         occupied_BNC = self.occupied_RC[rows_BN]
-        col_logits_BNC = self._masked_col_logits(h_BN1H.view(B, N, -1), occupied_BNC)
+        col_logits_BNC = self._masked_col_logits(h_col_BNH, occupied_BNC)
         return F.log_softmax(col_logits_BNC.float(), dim=-1).masked_fill(~occupied_BNC, float("-inf"))
 
     def target_log_probs(

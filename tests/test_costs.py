@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -35,10 +36,12 @@ def brute_force_costs(model: LightRNN, stream: np.ndarray, batch: int, bptt: int
     return A, B
 
 
-def test_costs_equal_brute_force_up_to_per_word_constants() -> None:
+@pytest.mark.parametrize("lightrnn_input", ["interleaved", "joint"])
+def test_costs_equal_brute_force_up_to_per_word_constants(lightrnn_input: str) -> None:
     torch.manual_seed(0)
     for vocab in (30, 37):  # a 6 x 5 table with every cell used; a 7 x 6 one with empty cells
-        model = LightRNN(ModelConfig(vocab, embed_dim=8, hidden_dim=10, num_layers=2), Allocation.random(vocab, seed=2))
+        config = ModelConfig(vocab, embed_dim=8, hidden_dim=10, num_layers=2, lightrnn_input=lightrnn_input)
+        model = LightRNN(config, Allocation.random(vocab, seed=2))
         stream = torch.randint(0, vocab, (600,), generator=torch.Generator().manual_seed(1)).numpy()
         sums = accumulate_head_inputs(model, stream, batch_size=4, bptt=7, dtype=torch.float64)
         A, B = dense_costs(model, sums)

@@ -23,14 +23,15 @@ from lightrnn.train import evaluate, score_stream
 from lightrnn.vocab import Vocabulary
 
 
-def small(vocab: int, kind: str = "lightrnn") -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, kind=kind, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.3)
+def small(vocab: int, kind: str = "lightrnn", lightrnn_input: str = "interleaved") -> ModelConfig:
+    sizes = {"embed_dim": 8, "hidden_dim": 12, "num_layers": 2, "dropout": 0.3}
+    return ModelConfig(vocab_size=vocab, kind=kind, lightrnn_input=lightrnn_input, **sizes)
 
 
-def peaked_lightrnn(vocab: int, seed: int, sharpness: float = 4.0) -> LightRNN:
+def peaked_lightrnn(vocab: int, seed: int, sharpness: float = 4.0, lightrnn_input: str = "interleaved") -> LightRNN:
     """A random LightRNN with scaled-up heads, so distributions are as uneven as a trained model's."""
     torch.manual_seed(seed)
-    model = LightRNN(small(vocab), Allocation.random(vocab, seed=seed))
+    model = LightRNN(small(vocab, lightrnn_input=lightrnn_input), Allocation.random(vocab, seed=seed))
     with torch.no_grad():
         for head in (model.row_head, model.col_head):
             head.weight.mul_(sharpness)
@@ -38,10 +39,11 @@ def peaked_lightrnn(vocab: int, seed: int, sharpness: float = 4.0) -> LightRNN:
     return model.eval()
 
 
+@pytest.mark.parametrize("lightrnn_input", ["interleaved", "joint"])
 @pytest.mark.parametrize("vocab", [100, 37, 1001, 10])  # square tables and tables with empty cells
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_exact_topk_equals_brute_force_topk(vocab: int, seed: int) -> None:
-    model = peaked_lightrnn(vocab, seed, sharpness=4.0 if seed else 1.0)  # seed 0: a flat model
+def test_exact_topk_equals_brute_force_topk(vocab: int, seed: int, lightrnn_input: str) -> None:
+    model = peaked_lightrnn(vocab, seed, sharpness=4.0 if seed else 1.0, lightrnn_input=lightrnn_input)  # 0: flat
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (5, 6), generator=g)
     log_probs, _ = model.next_word_log_probs(tokens)
@@ -114,8 +116,9 @@ def test_topk_carries_the_state_like_the_full_distribution() -> None:
         topk_next_words(model, tokens, 38)
 
 
-def test_row_and_column_parts_add_up_to_the_word_log_prob() -> None:
-    model = peaked_lightrnn(37, 4)
+@pytest.mark.parametrize("lightrnn_input", ["interleaved", "joint"])
+def test_row_and_column_parts_add_up_to_the_word_log_prob(lightrnn_input: str) -> None:
+    model = peaked_lightrnn(37, 4, lightrnn_input=lightrnn_input)
     tokens = torch.randint(0, 37, (2, 3), generator=torch.Generator().manual_seed(4))
     full, _ = model.next_word_log_probs(tokens)
     row_logp, state = model.row_log_probs(tokens)

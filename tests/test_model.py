@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +11,12 @@ from lightrnn.allocation import Allocation, AllocationError
 from lightrnn.config import ModelConfig
 from lightrnn.model import LightRNN, build_model
 
-KINDS = ("lightrnn", "full", "adaptive")
+KINDS = ("lightrnn", "lightrnn-joint", "full", "adaptive")  # lightrnn-joint: lightrnn_input="joint"
 
 
 def small(vocab: int, kind: str = "lightrnn", **kw) -> ModelConfig:
+    if kind == "lightrnn-joint":
+        kind, kw = "lightrnn", {**kw, "lightrnn_input": "joint"}
     return ModelConfig(vocab_size=vocab, kind=kind, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.3, **kw)
 
 
@@ -22,10 +26,11 @@ def stream(vocab: int, batch: int = 3, steps: int = 7, seed: int = 0) -> tuple[t
     return s[:, :-1], s[:, 1:]
 
 
+@pytest.mark.parametrize("kind", ["lightrnn", "lightrnn-joint"])
 @pytest.mark.parametrize("vocab", [9, 16, 100, 10, 37, 1001])  # square and non-square tables
-def test_lightrnn_distribution_sums_to_one_before_and_after_reallocation(vocab: int) -> None:
+def test_lightrnn_distribution_sums_to_one_before_and_after_reallocation(vocab: int, kind: str) -> None:
     torch.manual_seed(0)
-    model = LightRNN(small(vocab), Allocation.random(vocab, seed=1)).eval()
+    model = LightRNN(small(vocab, kind), Allocation.random(vocab, seed=1)).eval()
     tokens, _ = stream(vocab)
     for alloc_seed in (1, 2):
         model.set_allocation(Allocation.random(vocab, seed=alloc_seed))
@@ -34,10 +39,11 @@ def test_lightrnn_distribution_sums_to_one_before_and_after_reallocation(vocab: 
         assert torch.allclose(torch.logsumexp(log_probs.double(), -1), torch.zeros(3, dtype=torch.float64), atol=1e-5)
 
 
-def test_empty_rows_of_an_oversized_table_get_no_probability() -> None:
+@pytest.mark.parametrize("kind", ["lightrnn", "lightrnn-joint"])
+def test_empty_rows_of_an_oversized_table_get_no_probability(kind: str) -> None:
     # 10 words in a 5 x 5 table: whole rows are empty and must be masked out of the row softmax
     alloc = Allocation.from_cells(np.arange(10), 5, 5)  # rows 2, 3, 4 empty
-    model = LightRNN(small(10), alloc).eval()
+    model = LightRNN(small(10, kind), alloc).eval()
     log_probs, _ = model.next_word_log_probs(stream(10)[0])
     assert torch.allclose(torch.logsumexp(log_probs, -1), torch.zeros(3), atol=1e-5)
 
@@ -58,6 +64,26 @@ def test_log_prob_is_row_log_prob_plus_column_log_prob() -> None:
         row_lp = F.log_softmax(model.row_head(h[-1]), -1)[:, r]
         step, _ = model.core.lstm(model.row_embed.weight[r].expand(2, 1, -1), (h, c))
         col_logits = model.col_head(step[:, 0]).masked_fill(~occupied[r], float("-inf"))
+        col_lp = F.log_softmax(col_logits, -1)[:, col]
+        assert torch.allclose(log_probs[:, w], row_lp + col_lp, atol=1e-5)
+
+
+def test_joint_input_reads_each_word_once_and_gives_the_column_head_the_row() -> None:
+    torch.manual_seed(0)
+    vocab = 23
+    model = LightRNN(small(vocab, "lightrnn-joint"), Allocation.random(vocab, seed=4)).eval()
+    assert model.core.lstm.input_size == 2 * 8
+    tokens, _ = stream(vocab, batch=2, steps=5)
+    log_probs, _state = model.next_word_log_probs(tokens)
+    occupied = torch.from_numpy(model.allocation().occupied())
+    rows, cols = model.row_embed(model.row_of[tokens]), model.col_embed(model.col_of[tokens])
+    out, _ = model.core.lstm(torch.cat((rows, cols), dim=-1))  # one step per word
+    h = out[:, -1]
+    for w in range(vocab):
+        r, col = int(model.row_of[w]), int(model.col_of[w])
+        row_lp = F.log_softmax(model.row_head(h), -1)[:, r]
+        mixed = torch.tanh(model.col_given_row(torch.cat((h, model.row_embed.weight[r].expand(2, -1)), -1)))
+        col_logits = model.col_head(mixed).masked_fill(~occupied[r], float("-inf"))
         col_lp = F.log_softmax(col_logits, -1)[:, col]
         assert torch.allclose(log_probs[:, w], row_lp + col_lp, atol=1e-5)
 
@@ -156,7 +182,8 @@ def test_bad_allocations_are_refused() -> None:
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"hidden_dim": 0}, "hidden_dim must be >= 1"),
         ({"vocab_size": 1}, "vocab_size must be >= 2"),
-        ({"kind": "lightrnn", "tie_weights": True}, "tie_weights needs kind='full'"),
+        ({"kind": "adaptive", "tie_weights": True}, "tie_weights needs kind='full' or 'lightrnn'"),
+        ({"lightrnn_input": "sideways"}, "lightrnn_input must be one of interleaved, joint"),
         ({"kind": "full", "tie_weights": True, "embed_dim": 4}, "embed_dim == hidden_dim"),
         ({"kind": "adaptive", "adaptive_cutoffs": (5, 3)}, "adaptive_cutoffs must be increasing"),
     ],
@@ -175,3 +202,18 @@ def test_unset_vocab_size_cannot_be_built() -> None:
 def test_tied_full_softmax_shares_the_matrix() -> None:
     model = build_model(ModelConfig(vocab_size=50, kind="full", embed_dim=8, hidden_dim=8, tie_weights=True))
     assert model.head.weight is model.embed.weight
+
+
+@pytest.mark.parametrize("lightrnn_input", ["interleaved", "joint"])
+def test_tied_lightrnn_reads_and_predicts_with_the_same_row_and_column_vectors(lightrnn_input: str) -> None:
+    config = ModelConfig(vocab_size=50, embed_dim=8, hidden_dim=8, tie_weights=True, lightrnn_input=lightrnn_input)
+    model = LightRNN(config, Allocation.random(50))
+    assert model.row_head.weight is model.row_embed.weight and model.col_head.weight is model.col_embed.weight
+    untied = LightRNN(dataclasses.replace(config, tie_weights=False), Allocation.random(50))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    table = model.num_rows + model.num_cols  # 50 words: 8 rows, 7 columns
+    assert count(untied) - count(model) == table * 8  # their output vectors
+    tokens, targets = stream(50)
+    loss, _ = model(tokens, targets)
+    loss.backward()
+    assert model.row_embed.weight.grad is not None
