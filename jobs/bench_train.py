@@ -41,7 +41,8 @@ from lightrnn.config import ModelConfig, TrainConfig, from_dict
 from lightrnn.model import LSTM_DTYPES, build_model, set_lstm_dtype
 from lightrnn.train import lr_at, make_optimizer, segments
 from pipeline.memory import peak_rss_mb, reset_peak
-from pipeline.train_loop import blocks_tensor, ddp_options, training_autocast, worker_device
+from pipeline.train_loop import ddp_options, training_autocast, worker_device
+from pipeline.train_stream import blocks_tensor
 
 PARTS = ("data", "forward", "broadcast", "backward", "all_reduce", "optimizer")
 RESULT_FILE = "bench.json"

@@ -33,25 +33,23 @@ columns on its own device and the sums are all-reduced (`pipeline.train_eval`). 
 schedule the test split is scored as well and the figures go into the last checkpoint.
 
 The loop's parts: `start_state` (the weights and optimizer a worker starts from),
-`segment_stream` (the data position of every step), `Reporter` (metrics, evaluation,
-checkpoints and MLflow at report steps).
+`segment_stream` (the data position of every step, `pipeline.train_stream`), `Reporter`
+(metrics, evaluation, checkpoints and MLflow at report steps).
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow as pa
 import ray.train
 import ray.train.torch
 import torch
@@ -60,7 +58,7 @@ import torch.distributed as dist
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig, from_dict
 from lightrnn.model import LSTM_DTYPES, LanguageModel, State, build_model, set_lstm_dtype
-from lightrnn.train import EvalResult, lr_at, make_optimizer, segments, train_step
+from lightrnn.train import EvalResult, lr_at, make_optimizer, train_step
 from pipeline.checkpoint import (
     Schedule,
     checkpoint_allocation,
@@ -72,6 +70,7 @@ from pipeline.checkpoint import (
 from pipeline.dataset import open_dataset
 from pipeline.memory import peak_rss_mb, reset_peak
 from pipeline.train_eval import evaluator
+from pipeline.train_stream import segment_stream
 
 OPTIMIZERS = ("adam", "sgd")
 EDGES = "train_edges"  # the Ray Train dataset of the train split's straddling blocks (pipeline.dataset)
@@ -204,100 +203,6 @@ def _rank_lstm_state(state: dict[str, Any], rank: int, device: torch.device) -> 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of `rank`'s random draws (dropout) at `step`: a restored run draws the same masks."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-# -- the data position of every step -----------------------------------------------------
-
-
-def blocks_tensor(batch: pa.Table, block_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """(B, block_len) int64 ids on `device` from a pyarrow batch of full blocks, checked on the host.
-
-    The range check runs here, once per batch of blocks on the host, so the training
-    steps never read ids back from the device (`train_step` passes `check=False`).
-    """
-    flat = batch.column("tokens").combine_chunks().flatten().to_numpy()
-    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-        bad = flat[(flat < 0) | (flat >= vocab_size)][0]
-        raise ValueError(
-            f"a train block holds id {bad}, outside the vocabulary 0..{vocab_size - 1}: the blocks and "
-            "the vocabulary come from different prepare runs; prepare the dataset again"
-        )
-    return torch.from_numpy(flat.astype(np.int64).reshape(batch.num_rows, block_len)).to(device)
-
-
-def check_blocks(batch: pa.Table, expected: np.ndarray, rank: int, index: int) -> None:
-    """Refuse a batch whose block ids are not the ones the schedule gives this rank's batch `index`."""
-    blocks = batch.column("block").to_numpy()
-    if not np.array_equal(blocks, expected):
-        raise RuntimeError(
-            f"rank {rank}: batch {index} read blocks {blocks[:4].tolist()}... where the schedule has "
-            f"{expected[:4].tolist()}...: the dataset's shards are not in block order, or the block "
-            "range filter was not applied; prepare the dataset again"
-        )
-
-
-def in_block_order(streams: list[Iterable[pa.Table]], size: int) -> Iterator[pa.Table]:
-    """Tables of `size` rows from `streams` (each in block order) merged by block id; a last
-    incomplete batch is dropped. The units' shards and the edges' shards of a rank's block range
-    are two such streams: the straddling blocks go between the others."""
-
-    def rows(stream: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table]]:
-        for table in stream:
-            for i, block in enumerate(table.column("block").to_numpy().tolist()):
-                yield block, table.slice(i, 1)
-
-    pending: list[pa.Table] = []
-    for _, row in heapq.merge(*(rows(s) for s in streams), key=lambda item: item[0]):
-        pending.append(row)
-        if len(pending) == size:
-            yield pa.concat_tables(pending).combine_chunks()
-            pending = []
-
-
-def segment_stream(
-    shards: list[Any],
-    schedule: Schedule,
-    block_len: int,
-    vocab_size: int,
-    bptt: int,
-    span: tuple[int, int],
-    device: torch.device,
-    rank: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(tokens_BT, targets_BT, segment) for steps `span` = [start, stop) of this rank, in order,
-    from `shards` (Ray Data iterators of the rank's block range, merged by block id).
-
-    Each epoch re-reads the rank's block range; batches a restored run had consumed before
-    its checkpoint are skipped, and its first batch starts at the checkpoint's segment.
-    `segment` is the step's segment in its batch: at 0 the LSTM state starts afresh.
-    """
-    step, stop = span
-    while step < stop:
-        epoch, first_batch, first_segment = schedule.position(step)
-        streams = [
-            shard.iter_batches(batch_size=schedule.local_batch, batch_format="pyarrow", prefetch_batches=2)
-            for shard in shards
-        ]
-        batches = in_block_order(streams, schedule.local_batch)
-        index = -1
-        for index, batch in enumerate(batches):
-            if index >= schedule.batches_per_epoch or step >= stop:
-                break
-            if index < first_batch:
-                continue  # consumed before the checkpoint this run was restored from
-            check_blocks(batch, schedule.batch_blocks(rank, index), rank, index)
-            blocks_BL = blocks_tensor(batch, block_len, vocab_size, device)
-            first = first_segment if index == first_batch else 0
-            for i, (x_BT, y_BT) in enumerate(segments(blocks_BL.t(), bptt, first)):
-                yield x_BT, y_BT, first + i
-                step += 1
-                if step >= stop:
-                    return
-        if schedule.position(step)[0] == epoch:
-            raise RuntimeError(
-                f"rank {rank}: the train shard ran out after {index} batches in epoch {epoch}, "
-                f"expected {schedule.batches_per_epoch}; the dataset changed under the run"
-            )
 
 
 # -- reports -----------------------------------------------------------------------------

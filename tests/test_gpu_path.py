@@ -25,7 +25,8 @@ from lightrnn.config import ModelConfig, TrainConfig
 from lightrnn.model import build_model, set_lstm_dtype
 from lightrnn.train import column_share, evaluate, evaluate_columns, train_step
 from pipeline.checkpoint import make_schedule, save_checkpoint
-from pipeline.train_loop import DistConfig, blocks_tensor, ddp_options, start_state, step_seed
+from pipeline.train_loop import DistConfig, ddp_options, start_state, step_seed
+from pipeline.train_stream import blocks_tensor
 
 # Tensor methods and functions that read a tensor's values back to Python: on a GPU, each
 # waits for every queued kernel

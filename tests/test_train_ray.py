@@ -39,7 +39,8 @@ from pipeline.dataset import open_dataset
 from pipeline.prepare import prepare
 from pipeline.runconfig import DataConfig
 from pipeline.train import DistConfig, RunExistsError, run_training
-from pipeline.train_loop import check_blocks, in_block_order, train_loop_per_worker
+from pipeline.train_loop import train_loop_per_worker
+from pipeline.train_stream import check_blocks, in_block_order
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = get_preset("tiny")
