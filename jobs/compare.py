@@ -3,7 +3,8 @@
 python -m jobs.compare --config ptb --epochs 2 --json
 python -m jobs.compare --config ptb --budget-minutes 2
 
-Variants (same LSTM size, data, seed and schedule; only the output layer / word table differs):
+Variants (same LSTM size, data, seed and schedule; the output layer / word table differs, and
+each model kind trains with its own tuned dropout and learning rate, `jobs.configs.TUNED`):
 
     full                  full softmax over V words
     adaptive              adaptive softmax (model.adaptive_cutoffs)
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from jobs.configs import PRESETS, RunConfig, get_preset
+from jobs.configs import PRESETS, RunConfig, get_preset, tuned_overrides
 from jobs.time_budget import CLOCKS
 from pipeline.tracking import ui_command
 
@@ -88,7 +89,8 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     plans: dict[str, list[str]] = {}
     for name in variants:
-        plan = [*overrides, *variant_overrides(name, config)]
+        kind = config.with_overrides(variant_overrides(name, config)).model.kind
+        plan = [*tuned_overrides(config_name, kind), *overrides, *variant_overrides(name, config)]
         if epochs is not None:
             plan += [f"train.epochs={epochs}", "train.max_steps=0"]
         plans[name] = plan

@@ -10,7 +10,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from jobs.compare import variant_overrides
-from jobs.configs import get_preset
+from jobs.configs import TUNED, get_preset, tuned_overrides
 from tests.conftest import REPO
 
 
@@ -31,6 +31,17 @@ def test_variants_differ_only_in_the_output_layer() -> None:
             tiny.train,
             tiny.data,
         )
+
+
+def test_each_baseline_gets_its_own_tuned_settings_and_the_presets_are_lightrnns() -> None:
+    for name, kinds in TUNED.items():
+        preset = get_preset(name)
+        assert preset.model.kind == "lightrnn"
+        for kind, overrides in kinds.items():
+            assert kind in ("full", "adaptive") and overrides  # LightRNN's settings are the preset itself
+            tuned = preset.with_overrides([*tuned_overrides(name, kind), f"model.kind={kind}"])
+            assert tuned != preset.with_overrides([f"model.kind={kind}"])
+    assert tuned_overrides("ptb", "lightrnn") == [] and tuned_overrides("tiny", "full") == []
 
 
 def test_compare_with_a_time_budget(tmp_path: Path) -> None:
