@@ -89,8 +89,9 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     plans: dict[str, list[str]] = {}
     for name in variants:
-        kind = config.with_overrides(variant_overrides(name, config)).model.kind
-        plan = [*tuned_overrides(config_name, kind), *overrides, *variant_overrides(name, config)]
+        variant = variant_overrides(name, config)
+        kind = config.with_overrides(variant).model.kind
+        plan = [*tuned_overrides(config_name, kind), *overrides, *variant]
         if epochs is not None:
             plan += [f"train.epochs={epochs}", "train.max_steps=0"]
         plans[name] = plan

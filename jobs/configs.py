@@ -32,6 +32,11 @@ def _data(folder: str, train: str, valid: str, test: str) -> tuple[str, str, str
 _PTB = _data("ptb", "ptb.train.txt.xz", "ptb.valid.txt", "ptb.test.txt")
 _WT2 = _data("wikitext2", "train.txt.xz", "valid.txt", "test.txt")
 
+# LightRNN's recipe on the CPU presets (docs/results.md "Accuracy"): one step per word, 400-wide
+# row and column vectors, no dropout, Adam 6e-3; the baselines' own settings are in TUNED
+_RECIPE_MODEL = ModelConfig(embed_dim=400, hidden_dim=200, num_layers=2, dropout=0.0, lightrnn_input="joint")
+_RECIPE_TRAIN = TrainConfig(batch_size=20, bptt=35, epochs=2.0, lr=6e-3, log_every=200)
+
 PRESETS: dict[str, RunConfig] = {
     "tiny": RunConfig(
         name="tiny",
@@ -44,19 +49,15 @@ PRESETS: dict[str, RunConfig] = {
     "ptb": RunConfig(
         name="ptb",
         data=DataConfig(*_PTB),
-        # LightRNN's recipe (docs/results.md "Accuracy"): one step per word, 400-wide row and column
-        # vectors, no dropout, Adam 6e-3; the baselines' own settings are in TUNED
-        model=ModelConfig(embed_dim=400, hidden_dim=200, num_layers=2, dropout=0.0, lightrnn_input="joint"),
-        train=TrainConfig(batch_size=20, bptt=35, epochs=2.0, lr=6e-3, log_every=200),
+        model=_RECIPE_MODEL,
+        train=_RECIPE_TRAIN,
         realloc=ReallocConfig(rounds=2, span=0.5),
     ),
     "wikitext2": RunConfig(
         name="wikitext2",
         data=DataConfig(*_WT2),
-        # LightRNN's recipe (docs/results.md "Accuracy"): one step per word, 400-wide row and column
-        # vectors, no dropout, Adam 6e-3; the baselines' own settings are in TUNED
-        model=ModelConfig(embed_dim=400, hidden_dim=200, num_layers=2, dropout=0.0, lightrnn_input="joint"),
-        train=TrainConfig(batch_size=20, bptt=35, epochs=2.0, lr=6e-3, log_every=200),
+        model=_RECIPE_MODEL,
+        train=_RECIPE_TRAIN,
         realloc=ReallocConfig(rounds=2, span=0.5),
     ),
     # The clueweb path at its real vocabulary size with a model small enough for a 2-core CPU: the

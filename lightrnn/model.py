@@ -180,7 +180,7 @@ class LightRNN(LanguageModel):
         self.row_embed = nn.Embedding(self.num_rows, config.embed_dim)
         self.col_embed = nn.Embedding(self.num_cols, config.embed_dim)
         self.joint = config.lightrnn_input == "joint"
-        self.core = LSTMCore(config, input_dim=2 * config.embed_dim if self.joint else config.embed_dim)
+        self.core = LSTMCore(config, input_dim=2 * config.embed_dim if self.joint else None)
         self.row_head = nn.Linear(config.hidden_dim, self.num_rows)
         self.col_head = nn.Linear(config.hidden_dim, self.num_cols)
         if self.joint:  # the column head's view of the target row: tanh(W [h; r(y)] + b)
@@ -265,10 +265,10 @@ class LightRNN(LanguageModel):
             if not self.joint:
                 # the column step after r(x[t+1]) predicts c(y[t]); that is only right in a stream
                 check_shifted(tokens_BT, targets_BT)
+        h_BXH, state = self.core(self._inputs(tokens_BT), state)  # X = T joint, 2T interleaved
         if self.joint:
-            h_BTH, state = self.core(self._inputs(tokens_BT), state)
-            return h_BTH, self._given_row(h_BTH, self.row_of[targets_BT]), state
-        h_B2TH, state = self.core(self._inputs(tokens_BT), state)
+            return h_BXH, self._given_row(h_BXH, self.row_of[targets_BT]), state
+        h_B2TH = h_BXH
         last_row_B1D = self.row_embed(self.row_of[targets_BT[:, -1:]])
         h_last_B1H, _ = self.core(last_row_B1D, state)  # the r(yT) step; state stays after c(xT)
         h_row_BTH = h_B2TH[:, 1::2]
