@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from model_kinds import KINDS, kind_options
 
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig
@@ -26,8 +27,6 @@ from lightrnn.train import evaluate
 from lightrnn.vocab import Vocabulary
 from pipeline.models import load_model_uri
 
-KINDS = ("lightrnn", "lightrnn-joint", "full", "adaptive")  # lightrnn-joint: lightrnn_input="joint"
-
 
 @pytest.fixture(scope="module")
 def ptb_small(ptb_dir) -> tuple[Vocabulary, np.ndarray]:
@@ -37,10 +36,9 @@ def ptb_small(ptb_dir) -> tuple[Vocabulary, np.ndarray]:
 
 def make(vocab: Vocabulary, kind: str = "lightrnn", seed: int = 0):
     torch.manual_seed(seed)
-    lightrnn_input = "joint" if kind == "lightrnn-joint" else "interleaved"
-    kind = kind.removesuffix("-joint")
+    kind, options = kind_options(kind)
     allocation = Allocation.random(len(vocab), seed=seed + 1) if kind == "lightrnn" else None
-    return build_model(ModelConfig(len(vocab), kind, 16, 24, 2, lightrnn_input=lightrnn_input), allocation).eval()
+    return build_model(ModelConfig(len(vocab), kind, 16, 24, 2, **options), allocation).eval()
 
 
 @pytest.mark.parametrize("kind", KINDS)

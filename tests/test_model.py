@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from model_kinds import KINDS, kind_options
 
 from lightrnn.allocation import Allocation, AllocationError
 from lightrnn.config import ModelConfig
 from lightrnn.model import LightRNN, build_model
 
-KINDS = ("lightrnn", "lightrnn-joint", "full", "adaptive")  # lightrnn-joint: lightrnn_input="joint"
-
 
 def small(vocab: int, kind: str = "lightrnn", **kw) -> ModelConfig:
-    if kind == "lightrnn-joint":
-        kind, kw = "lightrnn", {**kw, "lightrnn_input": "joint"}
+    kind, options = kind_options(kind)
+    kw = {**kw, **options}
     return ModelConfig(vocab_size=vocab, kind=kind, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.3, **kw)
 
 
