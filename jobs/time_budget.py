@@ -53,7 +53,7 @@ def reallocate(model: LightRNN, train_stream: np.ndarray, train: TrainConfig, re
         model, train_stream, train.batch_size, train.bptt, realloc.cost_tokens, device=train.device
     )
     allocation, stats = solve_reallocation(
-        cost_blocks(model, sums), None, model.allocation(), method=realloc.method, k=realloc.k
+        cost_blocks(model, sums, realloc.stay_bonus), None, model.allocation(), method=realloc.method, k=realloc.k
     )
     model.set_allocation(allocation)
     return stats.as_dict()

@@ -145,6 +145,9 @@ class ReallocConfig:
     # vectors change too, and the model needs learning rate left to adapt (1.0 = equal phases)
     span: float = 1.0
     initial: str = "random"  # the first table: one of INITIAL_ALLOCATIONS (frequency = by word id, row-major)
+    # nats per occurrence taken off a word's current row and current column: a move must gain
+    # more than this per occurrence (0: the plain cost of eq. 3)
+    stay_bonus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.initial not in INITIAL_ALLOCATIONS:
@@ -159,3 +162,5 @@ class ReallocConfig:
             raise ValueError(f"span must be in (0, 1], got {self.span}")
         if self.cost_tokens < 0:
             raise ValueError(f"cost_tokens must be >= 0, got {self.cost_tokens}")
+        if not self.stay_bonus >= 0.0:
+            raise ValueError(f"stay_bonus must be >= 0 (nats per occurrence), got {self.stay_bonus}")

@@ -90,9 +90,33 @@ def block_costs(model: LightRNN, sums: HeadInputSums, start: int, stop: int) -> 
     return row_cost.cpu().numpy(), col_cost.cpu().numpy()
 
 
-def cost_blocks(model: LightRNN, sums: HeadInputSums) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
-    """A callable `costs(start, stop) -> (A, B)` for the solver, so V x R is never held at once."""
-    return lambda start, stop: block_costs(model, sums, start, stop)
+def subtract_stay_bonus(cost_nK: np.ndarray, current_n: np.ndarray, count_n: np.ndarray, bonus: float) -> np.ndarray:
+    """`cost_nK` with `bonus` nats per occurrence taken off each word's current row (or column), in place.
+
+    A word then moves only when the move gains more than `bonus` per occurrence: costs are
+    sums over few occurrences for most words, and a move for a gain within that noise changes
+    the word's input vectors for nothing.
+    """
+    if bonus:
+        cost_nK[np.arange(len(current_n)), current_n] -= bonus * np.asarray(count_n, dtype=cost_nK.dtype)
+    return cost_nK
+
+
+def cost_blocks(
+    model: LightRNN, sums: HeadInputSums, stay_bonus: float = 0.0
+) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
+    """A callable `costs(start, stop) -> (A, B)` for the solver, so V x R is never held at once;
+    `stay_bonus` as in `subtract_stay_bonus`."""
+    current = model.allocation()
+    counts = sums.count_V.cpu().numpy()
+
+    def costs(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        row_cost, col_cost = block_costs(model, sums, start, stop)
+        subtract_stay_bonus(row_cost, current.row_of[start:stop], counts[start:stop], stay_bonus)
+        subtract_stay_bonus(col_cost, current.col_of[start:stop], counts[start:stop], stay_bonus)
+        return row_cost, col_cost
+
+    return costs
 
 
 def dense_costs(model: LightRNN, sums: HeadInputSums, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:

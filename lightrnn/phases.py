@@ -110,8 +110,9 @@ def train_with_reallocation(
                 realloc_config.cost_tokens,
                 device=train_config.device,
             )
+            costs = cost_blocks(model, sums, realloc_config.stay_bonus)
             allocation, stats = solve_reallocation(
-                cost_blocks(model, sums), None, model.allocation(), method=realloc_config.method, k=realloc_config.k
+                costs, None, model.allocation(), method=realloc_config.method, k=realloc_config.k
             )
             model.set_allocation(allocation)
             result.realloc_seconds += time.perf_counter() - start

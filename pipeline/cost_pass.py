@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
+from lightrnn.allocation import Allocation
+from lightrnn.costs import subtract_stay_bonus
 from lightrnn.model import LightRNN
 from lightrnn.train import batchify
 from pipeline import storage
@@ -250,10 +252,21 @@ class ShardedCosts:
     `costs(start, stop)` gives (A, B) for words [start, stop) in float32;
     `row_costs_of` and `column_costs_of` give one side (`lightrnn.realloc_common` uses them
     when present). Picklable: Ray tasks of the solver each read the blocks they need.
+    `stay_bonus` > 0 takes that many nats per occurrence off each word's row and column in
+    `current` (`lightrnn.costs.subtract_stay_bonus`).
     """
 
-    def __init__(self, root: str, heads: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self, root: str, heads: dict[str, np.ndarray], stay_bonus: float = 0.0, current: Allocation | None = None
+    ) -> None:
+        if stay_bonus and current is None:
+            raise ValueError("stay_bonus needs the current allocation (current=...)")
         self.root = root
+        self.stay_bonus = stay_bonus
+        # each word's current row and column, for the stay bonus (int32: 80 MB at V = 10M)
+        self.current = (
+            {"row": current.row_of.astype(np.int32), "col": current.col_of.astype(np.int32)} if stay_bonus else {}
+        )
         manifest_uri = storage.join(root, MANIFEST)
         if not storage.exists(manifest_uri):
             raise CostShardError(
@@ -318,7 +331,10 @@ class ShardedCosts:
     def _side(self, side: str, start: int, stop: int) -> np.ndarray:
         sums = self._read(f"{side}_sums", start, stop)
         count = self._read("counts", start, stop).astype(np.float32)
-        return -(sums @ self.heads[f"w_{side}"].T + count[:, None] * self.heads[f"b_{side}"])
+        cost = -(sums @ self.heads[f"w_{side}"].T + count[:, None] * self.heads[f"b_{side}"])
+        if self.stay_bonus:
+            subtract_stay_bonus(cost, self.current[side][start:stop], count, self.stay_bonus)
+        return cost
 
     def _side_of(self, side: str, words: np.ndarray) -> np.ndarray:
         """One side's costs of the given words, any order, reading each needed run of ids once."""

@@ -87,7 +87,7 @@ def _reallocate(checkpoint: str, costs_root: str, config: dict[str, Any], thread
     reset_peak()
     model = model_from_checkpoint(checkpoint)
     assert isinstance(model, LightRNN)
-    costs = ShardedCosts(costs_root, model_heads(model))
+    costs = ShardedCosts(costs_root, model_heads(model), realloc.stay_bonus, model.allocation())
     mapper = RayMapper()
     allocation, stats = solve_reallocation(
         costs, None, model.allocation(), method=realloc.method, k=realloc.k, mapper=mapper

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.compare import variant_overrides
 from jobs.configs import TUNED, get_preset, tuned_overrides
+from lightrnn.phases import phase_bounds
 from tests.conftest import REPO
 
 
@@ -42,6 +43,9 @@ def test_each_baseline_gets_its_own_tuned_settings_and_the_presets_are_lightrnns
             tuned = preset.with_overrides([*tuned_overrides(name, kind), f"model.kind={kind}"])
             assert tuned != preset.with_overrides([f"model.kind={kind}"])
     assert tuned_overrides("ptb", "lightrnn") == [] and tuned_overrides("tiny", "full") == []
+    for name in ("ptb", "wikitext2", "clueweb"):  # the recipe reallocates at 1/12 and 1/6 of the budget
+        realloc = get_preset(name).realloc
+        assert phase_bounds(1200, realloc.rounds, realloc.span) == [0, 100, 200, 1200]
 
 
 def test_compare_with_a_time_budget(tmp_path: Path) -> None:

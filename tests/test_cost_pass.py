@@ -21,7 +21,7 @@ import torch
 
 from lightrnn.allocation import Allocation
 from lightrnn.config import ModelConfig, TrainConfig
-from lightrnn.costs import accumulate_head_inputs, dense_costs
+from lightrnn.costs import accumulate_head_inputs, cost_blocks, dense_costs
 from lightrnn.model import LightRNN
 from lightrnn.realloc import allocation_cost, solve_reallocation
 from pipeline.checkpoint import make_schedule, save_checkpoint
@@ -99,6 +99,15 @@ def test_sharded_sums_equal_one_process(setup: dict, workers: int) -> None:
     words = np.random.default_rng(0).permutation(V)[:500]
     np.testing.assert_allclose(costs.row_costs_of(words), a_dense[words], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(costs.column_costs_of(words), b_dense[words], rtol=1e-4, atol=1e-3)
+    # with a stay bonus, the same costs as the single-process source
+    model = setup["model"]
+    bonus = ShardedCosts(out, model_heads(model), stay_bonus=0.7, current=model.allocation())
+    a_bonus, b_bonus = cost_blocks(model, sums, stay_bonus=0.7)(0, V)
+    np.testing.assert_allclose(bonus(0, V)[0], a_bonus, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(bonus(0, V)[1], b_bonus, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(bonus.row_costs_of(words), a_bonus[words], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(bonus.column_costs_of(words), b_bonus[words], rtol=1e-4, atol=1e-3)
+    assert not np.allclose(bonus(0, V)[0], a)
 
 
 def test_solver_reads_shards_with_ray_tasks(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:

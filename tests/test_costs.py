@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from lightrnn.allocation import Allocation
-from lightrnn.config import ModelConfig
-from lightrnn.costs import accumulate_head_inputs, block_costs, dense_costs
+from lightrnn.config import ModelConfig, ReallocConfig
+from lightrnn.costs import accumulate_head_inputs, block_costs, cost_blocks, dense_costs
 from lightrnn.model import LightRNN
+from lightrnn.realloc import solve_reallocation
 
 
 def brute_force_costs(model: LightRNN, stream: np.ndarray, batch: int, bptt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,3 +74,30 @@ def test_word_blocks_match_the_whole_and_counts_match_the_stream() -> None:
     assert np.array_equal(sums.count_V.numpy(), np.bincount(data[:, 1:].ravel(), minlength=vocab))
     half = accumulate_head_inputs(model, stream, batch_size=4, bptt=9, max_tokens=200)
     assert int(half.count_V.sum()) < int(sums.count_V.sum())
+
+
+def test_stay_bonus_lowers_each_words_current_row_and_column_by_bonus_per_occurrence() -> None:
+    torch.manual_seed(0)
+    vocab = 50
+    model = LightRNN(ModelConfig(vocab, embed_dim=8, hidden_dim=8, num_layers=1), Allocation.random(vocab, seed=1))
+    stream = torch.randint(0, vocab, (801,), generator=torch.Generator().manual_seed(3)).numpy()
+    sums = accumulate_head_inputs(model, stream, batch_size=4, bptt=9)
+    count = sums.count_V.numpy().astype(np.float64)
+    rows, cols = model.allocation().row_of, model.allocation().col_of
+    plain_a, plain_b = cost_blocks(model, sums)(0, vocab)
+    a, b = cost_blocks(model, sums, stay_bonus=0.5)(0, vocab)
+    expected_a, expected_b = plain_a.copy(), plain_b.copy()
+    expected_a[np.arange(vocab), rows] -= 0.5 * count
+    expected_b[np.arange(vocab), cols] -= 0.5 * count
+    np.testing.assert_allclose(a, expected_a, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(b, expected_b, rtol=0, atol=1e-12)
+    # words move for plain costs; with a bonus larger than any gain per occurrence, none does
+    current = model.allocation()
+    _, plain = solve_reallocation(cost_blocks(model, sums), None, current)
+    _, kept = solve_reallocation(cost_blocks(model, sums, stay_bonus=100.0), None, current)
+    assert plain.words_moved > 10 and kept.words_moved == 0
+
+
+def test_stay_bonus_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="stay_bonus must be >= 0"):
+        ReallocConfig(stay_bonus=-0.1)
