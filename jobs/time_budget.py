@@ -30,10 +30,8 @@ import numpy as np
 import torch
 
 from lightrnn.config import ReallocConfig, TrainConfig
-from lightrnn.costs import accumulate_head_inputs, cost_blocks
 from lightrnn.model import LanguageModel, LightRNN, State
-from lightrnn.phases import PhasedResult, PhaseReport
-from lightrnn.realloc import solve_reallocation
+from lightrnn.phases import PhasedResult, PhaseReport, reallocate
 from lightrnn.train import StepLog, batchify, lr_at, make_optimizer, segments, train_step
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -45,18 +43,6 @@ def _epochs(data_NB: torch.Tensor, bptt: int) -> Iterator[tuple[torch.Tensor, to
     while True:
         for i, (x_BT, y_BT) in enumerate(segments(data_NB, bptt)):
             yield x_BT, y_BT, i == 0
-
-
-def reallocate(model: LightRNN, train_stream: np.ndarray, train: TrainConfig, realloc: ReallocConfig) -> dict:
-    """One cost pass over the training stream and one solve; moves the words and returns the solver's figures."""
-    sums = accumulate_head_inputs(
-        model, train_stream, train.batch_size, train.bptt, realloc.cost_tokens, device=train.device
-    )
-    allocation, stats = solve_reallocation(
-        cost_blocks(model, sums, realloc.stay_bonus), None, model.allocation(), method=realloc.method, k=realloc.k
-    )
-    model.set_allocation(allocation)
-    return stats.as_dict()
 
 
 def train_for_time(

@@ -63,6 +63,17 @@ def initial_allocation(counts_V: np.ndarray, config: ReallocConfig, seed: int) -
     return Allocation.random(len(counts_V), seed=seed)
 
 
+def reallocate(model: LightRNN, train_stream: np.ndarray, train: TrainConfig, realloc: ReallocConfig) -> dict:
+    """One cost pass over the training stream and one solve; moves the words and returns the solver's figures."""
+    sums = accumulate_head_inputs(
+        model, train_stream, train.batch_size, train.bptt, realloc.cost_tokens, device=train.device
+    )
+    costs = cost_blocks(model, sums, realloc.stay_bonus)
+    allocation, stats = solve_reallocation(costs, None, model.allocation(), method=realloc.method, k=realloc.k)
+    model.set_allocation(allocation)
+    return stats.as_dict()
+
+
 def train_with_reallocation(
     model: LanguageModel,
     train_stream: np.ndarray,
@@ -102,21 +113,8 @@ def train_with_reallocation(
         if phase < rounds:
             assert isinstance(model, LightRNN)
             start = time.perf_counter()
-            sums = accumulate_head_inputs(
-                model,
-                train_stream,
-                train_config.batch_size,
-                train_config.bptt,
-                realloc_config.cost_tokens,
-                device=train_config.device,
-            )
-            costs = cost_blocks(model, sums, realloc_config.stay_bonus)
-            allocation, stats = solve_reallocation(
-                costs, None, model.allocation(), method=realloc_config.method, k=realloc_config.k
-            )
-            model.set_allocation(allocation)
+            report.realloc = reallocate(model, train_stream, train_config, realloc_config)
             result.realloc_seconds += time.perf_counter() - start
-            report.realloc = stats.as_dict()
         result.phases.append(report)
         if on_phase is not None:
             on_phase(report)

@@ -87,11 +87,10 @@ def _reallocate(checkpoint: str, costs_root: str, config: dict[str, Any], thread
     reset_peak()
     model = model_from_checkpoint(checkpoint)
     assert isinstance(model, LightRNN)
-    costs = ShardedCosts(costs_root, model_heads(model), realloc.stay_bonus, model.allocation())
+    current = model.allocation()
+    costs = ShardedCosts(costs_root, model_heads(model), realloc.stay_bonus, current)
     mapper = RayMapper()
-    allocation, stats = solve_reallocation(
-        costs, None, model.allocation(), method=realloc.method, k=realloc.k, mapper=mapper
-    )
+    allocation, stats = solve_reallocation(costs, None, current, method=realloc.method, k=realloc.k, mapper=mapper)
     with storage.atomic_write(out_uri) as f:
         allocation.save(f)
     return {**stats.as_dict(), "peak_rss_mb": peak_rss_mb(), "peak_task_mb": mapper.peak_task_mb}
