@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -24,6 +25,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from jobs.chaos import TAG, kill_tagged
 from jobs.configs import get_preset
 from lightrnn.allocation import Allocation
 from lightrnn.export import load_model
@@ -66,10 +68,11 @@ def _fingerprint(root: Path) -> dict[str, tuple[str, int]]:
 def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("pipeline")
     root = base / "tiny"
+    tag = uuid.uuid4().hex
     first = subprocess.Popen(
         _command(root),
         cwd=REPO,
-        env=_env(),
+        env={**_env(), TAG: tag},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -84,6 +87,7 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
+        kill_tagged(tag)  # Ray daemons that left the process group
     assert not (root / "stages" / "train-1.json").exists(), "killed too late: train-1 had finished"
     before = _fingerprint(root)
     second = subprocess.run(_command(root), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)

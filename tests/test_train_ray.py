@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 
 from jobs import bench
 from jobs import train as train_job
+from jobs.chaos import TAG, kill_tagged
 from jobs.configs import get_preset
 from lightrnn.allocation import Allocation
 from lightrnn.config import TrainConfig
@@ -170,7 +172,8 @@ def _checkpoint_steps(run_dir: Path) -> set[int]:
 def test_resume_after_the_driver_is_stopped_continues_from_the_checkpoint(data: str, tmp_path: Path) -> None:
     args = ["--data", data, "--output", str(tmp_path), "--name", "stopped", "--workers", "2", "--config", "tiny"]
     args += ["--set", "train.batch_size=4", "--set", "train.log_every=1000", "--checkpoint-every", "20"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", TAG: tag}
     env.pop("RAY_ADDRESS", None)
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.train", *args, "--max-steps", "100000"],
@@ -189,6 +192,9 @@ def test_resume_after_the_driver_is_stopped_continues_from_the_checkpoint(data: 
     finally:
         os.killpg(driver.pid, signal.SIGTERM)  # the driver and the local Ray it started
         driver.wait(timeout=60)
+        # Ray daemons that left the process group (a Train controller among them) can still prune
+        # the run's checkpoints: the run is stopped only once none of them is left
+        kill_tagged(tag)
     steps_on_disk = _checkpoint_steps(tmp_path / "stopped")
     assert steps_on_disk and min(steps_on_disk) > 0
     target = max(steps_on_disk) + 10
