@@ -48,6 +48,7 @@ def test_each_baseline_gets_its_own_tuned_settings_and_the_presets_are_lightrnns
         assert phase_bounds(1200, realloc.rounds, realloc.span) == [0, 100, 200, 1200]
     realloc = get_preset("wikitext2").realloc  # WikiText-2's table takes four, at 1/20 to 1/5
     assert phase_bounds(1200, realloc.rounds, realloc.span) == [0, 60, 120, 180, 240, 1200]
+    assert realloc.stay_bonus == 1.0 and get_preset("ptb").realloc.stay_bonus == 0.0
 
 
 def test_compare_with_a_time_budget(tmp_path: Path) -> None:
