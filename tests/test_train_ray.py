@@ -190,7 +190,7 @@ def test_resume_after_the_driver_is_stopped_continues_from_the_checkpoint(data: 
             time.sleep(0.5)
         assert snapshot.exists(), "the first run never checkpointed"
     finally:
-        os.killpg(driver.pid, signal.SIGTERM)  # the driver and the local Ray it started
+        os.killpg(driver.pid, signal.SIGTERM)  # the driver and the Ray processes still in its group
         driver.wait(timeout=60)
         # Ray daemons that left the process group (a Train controller among them) can still prune
         # the run's checkpoints: the run is stopped only once none of them is left
