@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +19,16 @@ from ortools.graph.python import linear_sum_assignment, min_cost_flow
 from lightrnn.allocation import Allocation
 
 CostBlocks = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
-# A parallel map: mapper(fn, shared, items) == [fn(shared, item) for item in items], in any order of
-# work. `shared` is what every call needs (the costs); a distributed mapper sends it once.
-Mapper = Callable[[Callable[[Any, Any], Any], Any, Sequence[Any]], list[Any]]
+# A parallel map: mapper(fn, shared, items) yields fn(shared, item) for each item, in item order,
+# whatever the order of work. `shared` is what every call needs (the costs); a distributed
+# mapper sends it once. Callers consume the results as they come, so a mapper need not hold
+# them all at once.
+Mapper = Callable[[Callable[[Any, Any], Any], Any, Sequence[Any]], Iterable[Any]]
 
 
-def serial_map(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
+def serial_map(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> Iterator[Any]:
     """The mapper of one process."""
-    return [fn(shared, item) for item in items]
+    return (fn(shared, item) for item in items)
 
 
 _PRICE_SAMPLE_ENTRIES = 1 << 25  # words sampled to set prices: 128 MB of float32 costs

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import scipy.optimize
@@ -141,12 +141,22 @@ def _candidates(shared: tuple, span: tuple[int, int, np.ndarray, np.ndarray]) ->
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(7))
 
 
-def _gather(parts: list[list], i: int) -> np.ndarray:
-    """Field i of every part, concatenated; the parts' copies are dropped as it goes."""
-    out = np.concatenate([p[i] for p in parts])
-    for p in parts:
-        p[i] = None
-    return out
+def _gather(parts: Iterable[tuple[np.ndarray, ...]], total: int) -> tuple[np.ndarray, ...]:
+    """The spans' candidates, in word order, copied into arrays of `total` rows as each span
+    arrives: a part is dropped once copied, so the candidates are held once, whatever the mapper."""
+    out: list[np.ndarray] = []
+    at = 0
+    for part in parts:
+        if not out:
+            out = [np.empty((total, *field.shape[1:]), dtype=field.dtype) for field in part]
+        n = part[0].shape[0]
+        for dest, field in zip(out, part, strict=True):
+            dest[at : at + n] = field
+        at += n
+        del part
+    if at != total:
+        raise RuntimeError(f"the candidate pass returned {at} words, expected {total}")
+    return tuple(out)
 
 
 class _RowGroups(Sequence):
@@ -299,9 +309,7 @@ def solve_two_stage(
         for start in range(0, V, span_words)
     ]
     shared = (costs, row_price, col_price, k_rows, m_cols, R, C, block_size)
-    parts = [list(p) for p in mapper(_candidates, shared, spans)]
-    rows, row_cost, cols, col_cost, top, bottom, current_col_part = (_gather(parts, i) for i in range(7))
-    del parts
+    rows, row_cost, cols, col_cost, top, bottom, current_col_part = _gather(mapper(_candidates, shared, spans), V)
     # stage 1
     new_row, left, arcs, scale, seconds = _assign_rows(rows, row_cost, row_price, C, cost_scale)
     row_part = row_cost[np.arange(V), np.argmax(rows == new_row[:, None], axis=1)]
@@ -322,13 +330,14 @@ def solve_two_stage(
         words = order[bounds[first] : bounds[last]]
         groups.append((words, bounds[first : last + 1] - bounds[first]))
     items = _RowGroups(groups, (cols, col_cost, top, bottom))
-    results = mapper(_columns_of_group, (col_price, C), items)
-    del items, cols, col_cost, top, bottom
     new_col = np.empty(V, dtype=np.int64)
     col_part = np.empty(V, dtype=np.float64)
-    for (words, _), (group_cols, at_new, row_seconds) in zip(groups, results, strict=True):
+    for (words, _), (group_cols, at_new, row_seconds) in zip(
+        groups, mapper(_columns_of_group, (col_price, C), items), strict=True
+    ):
         new_col[words], col_part[words] = group_cols, at_new
         seconds += row_seconds
+    del items, cols, col_cost, top, bottom
     outside = np.flatnonzero(np.isnan(col_part))  # words on a column outside their candidates
     for chunk in np.array_split(outside, -(-outside.size // _LEFTOVER_WORDS)) if outside.size else []:
         b = costs_of_words(costs, chunk, current, block_size, 1)

@@ -286,6 +286,10 @@ class ShardedCosts:
                     f"{root}: the sums have hidden size {self.hidden}, the model's {name} head "
                     f"{self.heads[side].shape[1]}"
                 )
+        # -[W, b] per side: a word's costs are [sums, count] times it, one product with no (n, R) temporaries
+        self._neg_heads = {
+            side: -np.hstack([self.heads[f"w_{side}"], self.heads[f"b_{side}"][:, None]]) for side in ("row", "col")
+        }
         self.check()
 
     def check(self) -> None:
@@ -328,18 +332,26 @@ class ShardedCosts:
             out[lo - start : hi - start] = np.frombuffer(data, dtype=dtype).reshape(hi - lo, width)
         return out if width > 1 else out[:, 0]
 
+    def _cost(self, side: str, sums: np.ndarray, count: np.ndarray, current: np.ndarray | None) -> np.ndarray:
+        """-(sums W^T + count b) for n words, float32 (n, R or C), with the stay bonus taken off."""
+        lhs = np.empty((sums.shape[0], self.hidden + 1), dtype=np.float32)
+        lhs[:, :-1], lhs[:, -1] = sums, count
+        cost = lhs @ self._neg_heads[side].T
+        if self.stay_bonus:
+            subtract_stay_bonus(cost, current, count, self.stay_bonus)
+        return cost
+
     def _side(self, side: str, start: int, stop: int) -> np.ndarray:
         sums = self._read(f"{side}_sums", start, stop)
         count = self._read("counts", start, stop).astype(np.float32)
-        cost = -(sums @ self.heads[f"w_{side}"].T + count[:, None] * self.heads[f"b_{side}"])
-        if self.stay_bonus:
-            subtract_stay_bonus(cost, self.current[side][start:stop], count, self.stay_bonus)
-        return cost
+        current = self.current[side][start:stop] if self.stay_bonus else None
+        return self._cost(side, sums, count, current)
 
     def _side_of(self, side: str, words: np.ndarray) -> np.ndarray:
-        """One side's costs of the given words, any order, reading each needed run of ids once."""
+        """One side's costs of the given words, any order: each run of ids is read once (sums are
+        H floats a word) and only the given words' costs are computed."""
         words = np.asarray(words, dtype=np.int64)
-        width = self.heads[f"w_{side}"].shape[0]
+        width = self._neg_heads[side].shape[0]
         out = np.empty((words.size, width), dtype=np.float32)
         order = np.argsort(words, kind="stable")
         ascending = words[order]
@@ -348,8 +360,12 @@ class ShardedCosts:
         while i < ascending.size:
             start = int(ascending[i])
             j = int(np.searchsorted(ascending, start + step))
-            block = self._side(side, start, int(ascending[j - 1]) + 1)
-            out[order[i:j]] = block[ascending[i:j] - start]
+            stop = int(ascending[j - 1]) + 1
+            picked = ascending[i:j] - start
+            sums = self._read(f"{side}_sums", start, stop)[picked]
+            count = self._read("counts", start, stop)[picked].astype(np.float32)
+            current = self.current[side][ascending[i:j]] if self.stay_bonus else None
+            out[order[i:j]] = self._cost(side, sums, count, current)
             i = j
         return out
 

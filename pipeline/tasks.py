@@ -13,7 +13,8 @@ a model, the corpus or the costs:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -43,22 +44,32 @@ class RayMapper:
     """A `lightrnn.realloc_common.Mapper` that runs each item as a 1-CPU Ray task.
 
     `shared` goes into the object store once (its numpy arrays are read there without a
-    copy); `peak_task_mb` is the largest private memory any task of this mapper reached.
+    copy). At most `in_flight` tasks (default: twice the cluster's CPUs) are submitted or
+    unread at a time, and results are yielded in item order as they arrive, so the object
+    store holds a window of items and results, never all of them. `peak_task_mb` is the
+    largest private memory any task of this mapper reached.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, in_flight: int | None = None) -> None:
+        if in_flight is not None and in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1 task, got {in_flight}")
+        self.in_flight = in_flight
         self.peak_task_mb = 0.0
         self.tasks = 0
 
-    def __call__(self, fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
+    def __call__(self, fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> Iterator[Any]:
+        window = self.in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         shared_ref = ray.put(shared)
-        refs = [_apply.remote(fn, shared_ref, item) for item in items]
-        results = []
-        for result, peak in ray.get(refs):
-            results.append(result)
-            self.peak_task_mb = max(self.peak_task_mb, peak)
-        self.tasks += len(refs)
-        return results
+        pending: deque[ray.ObjectRef] = deque()
+        for i in range(len(items) + window):
+            if i < len(items):
+                pending.append(_apply.remote(fn, shared_ref, items[i]))
+                self.tasks += 1
+            if pending and (len(pending) >= window or i >= len(items)):
+                result, peak = ray.get(pending.popleft())
+                self.peak_task_mb = max(self.peak_task_mb, peak)
+                yield result
+                del result
 
 
 # what the solve holds per word besides its cost blocks (candidates, matchings): two_stage

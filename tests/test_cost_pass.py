@@ -150,3 +150,22 @@ def test_missing_or_damaged_shard_is_named(setup: dict, tmp_path: Path) -> None:
     (unfinished / "manifest.json").unlink()
     with pytest.raises(CostShardError, match="did not finish"):
         ShardedCosts(str(unfinished), heads)
+
+
+def test_ray_mapper_yields_in_item_order_with_a_bounded_window() -> None:
+    def _slow_square(shared: int, item: int) -> int:  # nested: Ray's workers get it by value
+        import time
+
+        time.sleep(0.05 * ((item * 7) % 5))  # tasks finish out of order
+        return shared + item * item
+
+    mapper = RayMapper(in_flight=3)
+    results = mapper(_slow_square, 100, list(range(11)))
+    assert mapper.tasks == 0  # nothing is submitted before the results are asked for
+    first = next(results)
+    assert first == 100 and mapper.tasks == 3  # only the window was submitted
+    assert [first, *results] == [100 + i * i for i in range(11)]
+    assert mapper.tasks == 11
+    assert list(RayMapper()(_slow_square, 1, [])) == []
+    with pytest.raises(ValueError, match="in_flight"):
+        RayMapper(in_flight=0)
