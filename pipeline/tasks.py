@@ -72,23 +72,25 @@ class RayMapper:
                 del result
 
 
-# what the solve holds per word besides its cost blocks (candidates, matchings): two_stage
-# peaked at 8,122 MiB at V = 10M, H = 32 in the pipeline, 3.35 GB of it the blocks' bound
-# (docs/scaling.md), about 520 bytes a word; exact needs more (docs/guide.md)
+# what the solve holds per word (candidates, matchings): two_stage peaked at 2,221 MiB at V = 3M and
+# 6,227 MiB at V = 10M, H = 32 in the pipeline, about 0.5 GB plus 600 bytes a word
+# (docs/scaling.md); exact needs more (docs/guide.md)
 SOLVE_BYTES_PER_WORD = {"two_stage": 600, "exact": 2_000}
-_BLOCK_WORDS = 65_536  # words per cost block the solver reads (lightrnn.realloc's block_size)
+_SOLVE_BASE_BYTES = 512 * 2**20  # the worker process, torch and the model read from the checkpoint
+_RUN_WORDS = 65_536  # ids whose sums are read at once for scattered words (ShardedCosts._side_of)
+_SCATTERED_WORDS = 1 << 14  # words whose full cost rows are computed at once (two_stage's leftovers)
 
 
 def task_memory_bytes(vocab_size: int, hidden: int, method: str, resources: ResourcesConfig) -> int:
     """What the reallocation task asks Ray for: the config's figure, else the solve's bytes per word
-    times V plus its cost blocks (two sums of H floats and R + C costs per word of a block)."""
+    times V, plus the H-wide sums and the cost rows of a batch of scattered words, plus the process."""
     if resources.realloc_memory_mb:
         return resources.realloc_memory_mb * 2**20
     if method == "auto":
         method = "exact" if vocab_size <= AUTO_EXACT_WORDS else "two_stage"
     side = int(np.ceil(np.sqrt(vocab_size)))
-    blocks = 2 * _BLOCK_WORDS * (2 * hidden + 2 * side) * 4
-    return max(512 * 2**20, vocab_size * SOLVE_BYTES_PER_WORD.get(method, 2_000) + blocks + 256 * 2**20)
+    scattered = (_RUN_WORDS * hidden + _SCATTERED_WORDS * (hidden + 1 + side)) * 4
+    return vocab_size * SOLVE_BYTES_PER_WORD.get(method, 2_000) + scattered + _SOLVE_BASE_BYTES
 
 
 @ray.remote
