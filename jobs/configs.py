@@ -61,7 +61,9 @@ PRESETS: dict[str, RunConfig] = {
         name="wikitext2",
         data=DataConfig(*_WT2),
         model=_RECIPE_MODEL,
-        train=_RECIPE_TRAIN,
+        # the cosine decay down to a hundredth, not a tenth: better for LightRNN on both seeds measured
+        # and for the adaptive softmax, worse for the full softmax, which TUNED keeps at a tenth
+        train=dataclasses.replace(_RECIPE_TRAIN, lr_min_ratio=0.01),
         # four reallocations in the same first quarter, at 1/20 to 1/5 of the budget, and a move must
         # gain a nat per occurrence: on WikiText-2's 183 x 182 table this beat the recipe's two
         # plain ones on both seeds measured (docs/results.md, "WikiText-2")
@@ -118,7 +120,8 @@ _PTB_TUNED = ("model.embed_dim=200", "model.dropout=0.2", "train.lr=1e-2")
 _WT2_TUNED = ("model.embed_dim=200", "model.dropout=0.2", "train.lr=3e-3")
 TUNED: dict[str, dict[str, tuple[str, ...]]] = {
     "ptb": {"full": _PTB_TUNED, "adaptive": _PTB_TUNED},
-    "wikitext2": {"full": _WT2_TUNED, "adaptive": _WT2_TUNED},
+    # the preset decays the learning rate to a hundredth; the full softmax did better at a tenth
+    "wikitext2": {"full": (*_WT2_TUNED, "train.lr_min_ratio=0.1"), "adaptive": _WT2_TUNED},
 }
 
 

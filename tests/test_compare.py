@@ -49,6 +49,12 @@ def test_each_baseline_gets_its_own_tuned_settings_and_the_presets_are_lightrnns
     realloc = get_preset("wikitext2").realloc  # WikiText-2's table takes four, at 1/20 to 1/5
     assert phase_bounds(1200, realloc.rounds, realloc.span) == [0, 60, 120, 180, 240, 1200]
     assert realloc.stay_bonus == 1.0 and get_preset("ptb").realloc.stay_bonus == 0.0
+    # WikiText-2 decays the learning rate to a hundredth, except for the full softmax; PTB to a tenth
+    wikitext2 = get_preset("wikitext2")
+    assert wikitext2.train.lr_min_ratio == 0.01 and get_preset("ptb").train.lr_min_ratio == 0.1
+    for kind, ratio in (("full", 0.1), ("adaptive", 0.01)):
+        tuned = wikitext2.with_overrides([*tuned_overrides("wikitext2", kind), f"model.kind={kind}"])
+        assert tuned.train.lr_min_ratio == ratio
 
 
 def test_compare_with_a_time_budget(tmp_path: Path) -> None:
