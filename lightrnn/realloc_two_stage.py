@@ -43,7 +43,7 @@ from lightrnn.realloc_common import (
 EXACT_ARCS = 1 << 21  # stage 1 arcs matched by min-cost flow (the rest of the words go greedily)
 COLUMNS_PER_WORD = 64  # stage 2 candidate columns per word, besides its greedy one
 _GREEDY_WORDS = 1 << 20  # stage 1 words placed greedily at a time (bounds its temporaries)
-_LEFTOVER_WORDS = 1 << 14  # words whose full cost rows are read at once (stage 1 leftovers, stage 2 fallbacks)
+LEFTOVER_WORDS = 1 << 14  # words whose full cost rows are read at once (stage 1 leftovers, stage 2 fallbacks)
 _SPAN_WORDS = 1 << 17  # words per task of the candidate pass (it reads them block by block)
 _GROUP_ENTRIES = 1 << 24  # candidate arcs per stage-2 task (its words x (m + 1))
 
@@ -316,7 +316,7 @@ def solve_two_stage(
     current_row_part = row_cost[:, -1]
     del rows, row_cost
     room = C - np.bincount(new_row[new_row >= 0], minlength=R)
-    for chunk in np.array_split(left, -(-left.size // _LEFTOVER_WORDS)) if left.size else []:
+    for chunk in np.array_split(left, -(-left.size // LEFTOVER_WORDS)) if left.size else []:
         a = costs_of_words(costs, chunk, current, block_size, 0)  # (chunk, R): a chunk at a time
         new_row[chunk] = _place_leftovers(a, row_price, room, k_rows)
         row_part[chunk] = a[np.arange(chunk.size), new_row[chunk]]
@@ -339,7 +339,7 @@ def solve_two_stage(
         seconds += row_seconds
     del items, cols, col_cost, top, bottom
     outside = np.flatnonzero(np.isnan(col_part))  # words on a column outside their candidates
-    for chunk in np.array_split(outside, -(-outside.size // _LEFTOVER_WORDS)) if outside.size else []:
+    for chunk in np.array_split(outside, -(-outside.size // LEFTOVER_WORDS)) if outside.size else []:
         b = costs_of_words(costs, chunk, current, block_size, 1)
         col_part[chunk] = b[np.arange(chunk.size), new_col[chunk]]
     solver = "ortools_min_cost_flow+greedy+ortools_linear_sum_assignment"

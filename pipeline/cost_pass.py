@@ -246,6 +246,9 @@ def run_cost_pass(
 # -- reading the shards back ------------------------------------------------------------------
 
 
+RUN_IDS = 65_536  # ids whose sums ShardedCosts reads at once for the costs of scattered words
+
+
 class ShardedCosts:
     """The solver's cost source over a cost pass's shards and the model's heads.
 
@@ -355,11 +358,10 @@ class ShardedCosts:
         out = np.empty((words.size, width), dtype=np.float32)
         order = np.argsort(words, kind="stable")
         ascending = words[order]
-        step = 65_536
         i = 0
         while i < ascending.size:
             start = int(ascending[i])
-            j = int(np.searchsorted(ascending, start + step))
+            j = int(np.searchsorted(ascending, start + RUN_IDS))
             stop = int(ascending[j - 1]) + 1
             picked = ascending[i:j] - start
             sums = self._read(f"{side}_sums", start, stop)[picked]

@@ -25,10 +25,11 @@ import torch
 from lightrnn.config import ReallocConfig, from_dict
 from lightrnn.model import LightRNN
 from lightrnn.realloc import AUTO_EXACT_WORDS, solve_reallocation
+from lightrnn.realloc_two_stage import LEFTOVER_WORDS
 from lightrnn.train import evaluate
 from pipeline import storage
 from pipeline.checkpoint import model_from_checkpoint
-from pipeline.cost_pass import ShardedCosts, model_heads
+from pipeline.cost_pass import RUN_IDS, ShardedCosts, model_heads
 from pipeline.dataset import open_dataset
 from pipeline.memory import peak_rss_mb, reset_peak
 from pipeline.runconfig import ResourcesConfig
@@ -77,8 +78,6 @@ class RayMapper:
 # (docs/scaling.md); exact needs more (docs/guide.md)
 SOLVE_BYTES_PER_WORD = {"two_stage": 600, "exact": 2_000}
 _SOLVE_BASE_BYTES = 512 * 2**20  # the worker process, torch and the model read from the checkpoint
-_RUN_WORDS = 65_536  # ids whose sums are read at once for scattered words (ShardedCosts._side_of)
-_SCATTERED_WORDS = 1 << 14  # words whose full cost rows are computed at once (two_stage's leftovers)
 
 
 def task_memory_bytes(vocab_size: int, hidden: int, method: str, resources: ResourcesConfig) -> int:
@@ -89,7 +88,7 @@ def task_memory_bytes(vocab_size: int, hidden: int, method: str, resources: Reso
     if method == "auto":
         method = "exact" if vocab_size <= AUTO_EXACT_WORDS else "two_stage"
     side = int(np.ceil(np.sqrt(vocab_size)))
-    scattered = (_RUN_WORDS * hidden + _SCATTERED_WORDS * (hidden + 1 + side)) * 4
+    scattered = (RUN_IDS * hidden + LEFTOVER_WORDS * (hidden + 1 + side)) * 4
     return vocab_size * SOLVE_BYTES_PER_WORD.get(method, 2_000) + scattered + _SOLVE_BASE_BYTES
 
 
