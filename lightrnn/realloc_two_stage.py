@@ -153,7 +153,7 @@ def _gather(parts: Iterable[tuple[np.ndarray, ...]], total: int) -> tuple[np.nda
         for dest, field in zip(out, part, strict=True):
             dest[at : at + n] = field
         at += n
-        del part
+        del part  # before the next span is fetched: a mapper's result may pin object-store memory
     if at != total:
         raise RuntimeError(f"the candidate pass returned {at} words, expected {total}")
     return tuple(out)

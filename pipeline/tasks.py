@@ -62,15 +62,18 @@ class RayMapper:
         window = self.in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         shared_ref = ray.put(shared)
         pending: deque[ray.ObjectRef] = deque()
-        for i in range(len(items) + window):
-            if i < len(items):
-                pending.append(_apply.remote(fn, shared_ref, items[i]))
-                self.tasks += 1
-            if pending and (len(pending) >= window or i >= len(items)):
-                result, peak = ray.get(pending.popleft())
-                self.peak_task_mb = max(self.peak_task_mb, peak)
-                yield result
-                del result
+        for item in items:
+            pending.append(_apply.remote(fn, shared_ref, item))
+            self.tasks += 1
+            if len(pending) >= window:
+                yield self._oldest(pending)
+        while pending:
+            yield self._oldest(pending)
+
+    def _oldest(self, pending: deque[ray.ObjectRef]) -> Any:
+        result, peak = ray.get(pending.popleft())
+        self.peak_task_mb = max(self.peak_task_mb, peak)
+        return result
 
 
 # what the solve holds per word (candidates, matchings): two_stage peaked at 2,221 MiB at V = 3M and
