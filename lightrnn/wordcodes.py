@@ -183,11 +183,14 @@ def encode_text(data: bytes, lower: bool = False, where: str = "text", first_lin
     if lower:
         raw = _ASCII_LOWER[raw]
     text = raw[:-8]
-    word = text > 0x20
+    inside = np.zeros(text.size + 2, dtype=bool)  # inside[i + 1]: byte i belongs to a word; none beyond the ends
+    word = inside[1:-1]
+    np.greater(text, 0x20, out=word)
     controls = np.flatnonzero(text < 0x20)  # line ends, tabs; a control character that is no space is a letter
     word[controls] = ~_TEXT_SPACE[text[controls]]
-    bounds = np.flatnonzero(np.diff(word.view(np.int8), prepend=np.int8(0), append=np.int8(0)))
-    starts, ends = bounds[0::2], bounds[1::2]  # a word begins where the mask rises and ends where it falls
+    # a word begins where the mask rises and ends where it falls (comparing booleans: numpy's fast nonzero)
+    starts = np.flatnonzero(inside[1:] > inside[:-1])
+    ends = np.flatnonzero(inside[1:] < inside[:-1])
     line_ends = controls[text[controls] == 0x0A]
     lines = line_ends.size + (1 if text.size and text[-1] != 0x0A else 0)  # a last line without its line end
     offsets = np.zeros(lines + 1, dtype=np.int64)

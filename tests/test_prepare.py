@@ -277,7 +277,7 @@ def test_parquet_documents_give_the_same_dataset_as_the_same_text(tmp_path: Path
     a, b = open_dataset(str(tmp_path / "a")), open_dataset(str(tmp_path / "b"))
     assert a.vocab() == b.vocab() and len(a.vocab()) == 8
     np.testing.assert_array_equal(a.tokens("train"), b.tokens("train"))
-    assert from_parquet["splits"]["train"]["units"] == 3 * 6  # one unit per row group: several tasks a file
+    assert from_parquet["splits"]["train"]["units"] == 3  # a file's small row groups are read by one task
 
 
 def test_a_large_text_file_is_split_into_tasks_that_give_the_same_dataset(ptb_dir: Path, tmp_path: Path) -> None:
@@ -290,6 +290,20 @@ def test_a_large_text_file_is_split_into_tasks_that_give_the_same_dataset(ptb_di
     assert a.vocab() == b.vocab() == Vocabulary.build(count_words([big]), 5000)
     np.testing.assert_array_equal(a.tokens("train"), b.tokens("train"))
     assert any("edges" in s for s in split["splits"]["train"]["shards"])  # blocks span the units
+
+
+def test_a_large_parquet_file_is_split_by_row_groups_into_tasks(ptb_dir: Path, tmp_path: Path) -> None:
+    lines = lzma.decompress((ptb_dir / "ptb.train.txt.xz").read_bytes()).decode().splitlines()
+    docs = ["\n".join(lines[i : i + 10]) for i in range(0, len(lines), 10)]  # 4,207 documents of 10 lines
+    pq.write_table(pa.table({"text": docs}), tmp_path / "ptb.parquet", row_group_size=400)  # 11 groups of ~0.5 MB
+    config = DataConfig(train=str(tmp_path / "ptb.parquet"), block_len=1000, max_vocab=5000)
+    split = prepare(config, str(tmp_path / "a"), unit_mb=1)  # two row groups a unit
+    whole = prepare(config, str(tmp_path / "b"), unit_mb=64)
+    assert split["splits"]["train"]["units"] == 6 and whole["splits"]["train"]["units"] == 1
+    a, b = open_dataset(str(tmp_path / "a")), open_dataset(str(tmp_path / "b"))
+    assert a.vocab() == b.vocab()
+    np.testing.assert_array_equal(a.tokens("train"), b.tokens("train"))
+    assert a.tokens("train").size == 929_589
 
 
 @pytest.mark.parametrize(("max_vocab", "min_count", "partitions"), [(300, 1, 3), (301, 2, 5), (0, 3, 2)])
