@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-len", type=int, default=DataConfig.block_len, help="tokens per Parquet block")
     p.add_argument("--lower", action="store_true", help="lower-case before counting and encoding")
     p.add_argument("--text-column", default=DataConfig.text_column, help="Parquet input: the column of document texts")
-    p.add_argument("--unit-mb", type=int, default=UNIT_MB, help="MB of uncompressed text per task (and per read)")
+    p.add_argument("--unit-mb", type=int, default=UNIT_MB, help="MB of text per task")
     p.add_argument("--partitions", type=int, default=0, help="word-count partitions (0: one per 64 MB of train text)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")

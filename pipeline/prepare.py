@@ -1,7 +1,7 @@
 """The prepare stage: a corpus on storage -> vocabulary + Parquet token blocks + manifest.
 
-    plan     a Ray task per file: its units of work (pipeline.sources: row groups of
-             Parquet, byte ranges of text)
+    plan     a Ray task per file: its units of work (pipeline.sources: runs of row groups
+             of Parquet, byte ranges of text)
     pass 1   a Ray task per unit: its lines, tokens and null documents; for the train
              split also its word counts, cut into hash partitions (pipeline.counting)
     vocab    partition tasks, a merge tree and a finishing task write vocab.parquet and
@@ -41,8 +41,8 @@ from pipeline.sources import CorpusError, Unit, expand_inputs, plan_file, unit_c
 
 SPLITS = ("train", "valid", "test")
 SHARDS_DIR = "shards"
-UNIT_MB = 64  # default unit of work for uncompressed text, and the chunk read at a time
-_COUNT_ROWS = 1 << 22  # distinct (word, count) rows a unit task buffers before summing them
+UNIT_MB = 64  # default unit of work: MB of text a task reads
+CHUNK_MB = 16  # text tokenised at a time within a unit: its temporaries take 12-20 bytes a byte of text
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ def prepare(
     """Run the stage (Ray must be initialised); returns the manifest. Idempotent per config.
 
     `storage_options` are s3fs keywords (e.g. an endpoint) for the inputs and the output;
-    `unit_mb` sizes the units of uncompressed text and the chunks read at a time;
+    `unit_mb` sizes the units of text (read CHUNK_MB at a time);
     `partitions` is the number of word-count partitions (0: one per PARTITION_BYTES of train
     text, at least two per cluster CPU). None of these changes the dataset, so none is recorded.
     """
@@ -315,7 +315,7 @@ def prepare(
         return {**storage.read_manifest(root, so), "skipped": True}
     _clear_unfinished(root, so)
     run_id = uuid.uuid4().hex[:8]  # in shard names, so a killed run's files are never mistaken for ours
-    reading = Reading(data.lower, data.text_column, unit_mb << 20, so)
+    reading = Reading(data.lower, data.text_column, min(unit_mb, CHUNK_MB) << 20, so)
     clock = [time.perf_counter()]
 
     def lap() -> float:

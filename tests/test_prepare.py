@@ -27,9 +27,9 @@ from lightrnn.corpus import count_words, encode_file
 from lightrnn.vocab import Vocabulary, VocabularyError
 from pipeline import storage
 from pipeline.dataset import DatasetError, open_dataset
-from pipeline.prepare import prepare
+from pipeline.prepare import Reading, _read_unit, prepare
 from pipeline.runconfig import DataConfig
-from pipeline.sources import CorpusError
+from pipeline.sources import CorpusError, Unit, plan_file
 from pipeline.synth import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,6 +304,25 @@ def test_a_large_parquet_file_is_split_by_row_groups_into_tasks(ptb_dir: Path, t
     assert a.vocab() == b.vocab()
     np.testing.assert_array_equal(a.tokens("train"), b.tokens("train"))
     assert a.tokens("train").size == 929_589
+
+
+def _unit_words(unit: Unit, chunk_bytes: int) -> tuple[int, list[str], int]:
+    """(chunks, words, lines) of a unit read `chunk_bytes` at a time."""
+    chunks, distinct, _ = _read_unit(unit, Reading(False, "text", chunk_bytes, {}))
+    words = [w for codes, _ in chunks for w in distinct.take(pa.array(codes)).to_pylist()]
+    return len(chunks), words, sum(offsets.size - 1 for _, offsets in chunks)
+
+
+def test_a_unit_read_in_chunks_gives_the_words_of_one_read(ptb_dir: Path, tmp_path: Path) -> None:
+    text = (ptb_dir / "ptb.valid.txt").read_text()
+    lines = text.splitlines()
+    (tmp_path / "v.txt").write_text(text)
+    docs = ["\n".join(lines[i : i + 10]) for i in range(0, len(lines), 10)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "v.pq")
+    for name in ("v.txt", "v.pq"):
+        [unit] = plan_file(str(tmp_path / name), "train", 0, 1 << 30, "text", None)
+        pieces, words, line_count = _unit_words(unit, 1 << 14)  # 16 KB chunks, one dictionary for the unit
+        assert pieces > 10 and _unit_words(unit, 1 << 30)[1:] == (words, line_count) == (text.split(), len(lines))
 
 
 @pytest.mark.parametrize(("max_vocab", "min_count", "partitions"), [(300, 1, 3), (301, 2, 5), (0, 3, 2)])
