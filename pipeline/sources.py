@@ -6,7 +6,7 @@ below the file, so one large file is many tasks:
 
     text, uncompressed   byte ranges of about `unit_bytes`, each cut just after a "\\n"
     text, compressed     the whole file (a compressed stream cannot be entered midway);
-                         read in chunks of about `unit_bytes`, so memory stays bounded
+                         read a chunk at a time, so memory stays bounded
     Parquet              runs of whole row groups of about `unit_bytes` of text (one row group
                          at least), read with only the text column
 
