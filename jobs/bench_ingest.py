@@ -19,6 +19,8 @@ import tempfile
 
 import ray
 
+from pipeline.counting import SPECIALS
+from pipeline.sources import kind_of
 from pipeline.synth import FORMATS, write_corpus
 
 
@@ -78,9 +80,11 @@ def run(args: argparse.Namespace) -> dict:
             results[n] = _prepare(corpus, os.path.join(tmp, f"out-{n}"), n, args)
     base = results[cpus[0]]["seconds"]
     first = results[cpus[0]]
+    files = first["splits"]["train"]["files"]  # what was read, also for an existing --corpus
+    fmt, distinct = kind_of(files[0]), first["vocab"]["distinct_words"] - len(SPECIALS)
     print(
-        f"corpus: {first['splits']['train']['tokens']:,} tokens with <eos>, {args.distinct:,} distinct words, "
-        f"{args.files} {args.format} files; vocabulary {first['vocab']['size']:,}"
+        f"corpus: {first['splits']['train']['tokens']:,} tokens with <eos>, {distinct:,} distinct words, "
+        f"{len(files)} {fmt} files; vocabulary {first['vocab']['size']:,}"
     )
     print(
         f"{'ray cpus':>8}{'seconds':>9}{'tokens/s':>13}{'per cpu':>12}{'speedup':>9}   plan / count / vocab / encode s"
@@ -95,10 +99,10 @@ def run(args: argparse.Namespace) -> dict:
         )
     return {
         "benchmark": "ingest",
-        "format": args.format,
-        "vocab_words": args.distinct,
+        "format": fmt,
+        "vocab_words": distinct,
         "max_vocab": args.vocab,
-        "files": args.files,
+        "files": len(files),
         "tokens": first["splits"]["train"]["tokens"],
         "vocab_size": first["vocab"]["size"],
         **{f"seconds_{n}cpu": round(r["seconds"], 3) for n, r in results.items()},

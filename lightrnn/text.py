@@ -13,6 +13,8 @@ Unicode whitespace (`str.split()`; Arrow's `utf8_split_whitespace` splits on the
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -74,11 +76,24 @@ def lines_from_bytes(data: bytes, where: str = "text", first_line: int = 1) -> p
     try:
         return lines.cast(pa.large_string())  # validates UTF-8
     except pa.ArrowInvalid:
-        number, e = _bad_line(data[:end])
-        raise TextError(
-            f"{where}: line {first_line + number - 1} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-            "fix or re-encode the file"
-        ) from None
+        _raise_bad_line(data[:end], where, first_line)
+
+
+def check_utf8(data: bytes, where: str = "text", first_line: int = 1) -> None:
+    """A clear error at the first line of `data` that is not valid UTF-8 (Arrow's validation, no copy)."""
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
+    except pa.ArrowInvalid:
+        _raise_bad_line(data, where, first_line)
+
+
+def _raise_bad_line(data: bytes, where: str, first_line: int) -> NoReturn:
+    number, e = _bad_line(data)
+    raise TextError(
+        f"{where}: line {first_line + number - 1} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+        "fix or re-encode the file"
+    ) from None
 
 
 def _offsets_and_bytes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:

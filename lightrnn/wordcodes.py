@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightrnn.text import lines_from_bytes, split_words
+from lightrnn.text import check_utf8, lines_from_bytes, split_words
 
 Encoded = tuple[np.ndarray, pa.Array, np.ndarray]  # (codes, distinct words, each line's first word)
 
@@ -30,6 +30,9 @@ _SPREAD = 0x9E3779B97F4A7C15
 _SPREAD_INVERSE = pow(_SPREAD, -1, 1 << 64)
 _TEXT_SPACE = np.zeros(256, dtype=bool)  # ASCII characters str.split() splits on (\x1c-\x1f included)
 _TEXT_SPACE[[0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x1F, 0x20]] = True
+# the whitespace beyond ASCII that str.split() splits on (all below U+3001: 2 or 3 bytes in
+# UTF-8); the tests recompute it over every code point
+UNICODE_SPACES = np.array([0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000])
 _ASCII_LOWER = np.arange(256, dtype=np.uint8)
 _ASCII_LOWER[ord("A") : ord("Z") + 1] += 32
 
@@ -164,21 +167,42 @@ def word_codes(words: pa.Array) -> tuple[np.ndarray, pa.Array]:
     return _span_codes(*_spans(words), words.cast(pa.large_string()))
 
 
+def _mark_unicode_spaces(raw: np.ndarray, word: np.ndarray) -> None:
+    """Mark the bytes of the whitespace characters beyond ASCII (2 or 3 bytes of valid UTF-8) as no word's."""
+    text = raw[:-8]
+    lead = np.flatnonzero(text >= 0xC2)
+    lead = lead[(text[lead] == 0xC2) | ((text[lead] >= 0xE1) & (text[lead] <= 0xE3))]  # where such spaces begin
+    if not lead.size:
+        return
+    b0, b1, b2 = (raw[lead + k].astype(np.int32) for k in range(3))
+    two = b0 == 0xC2
+    code_points = np.where(
+        two, ((b0 & 0x1F) << 6) | (b1 & 0x3F), ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F)
+    )
+    space = np.isin(code_points, UNICODE_SPACES)
+    at, three = lead[space], ~two[space]
+    word[at] = word[at + 1] = False
+    word[at[three] + 2] = False
+
+
 def encode_text(data: bytes, lower: bool = False, where: str = "text", first_line: int = 1) -> Encoded:
     """The words of some lines of text, `tokenize`d: codes into their distinct words, and line offsets.
 
     Returns (codes (n,) int32, distinct words, offsets (lines + 1,)): line i holds the words
-    codes[offsets[i]:offsets[i+1]]. Lines end as `lines_from_bytes` says. ASCII text is
-    split with numpy on the bytes themselves (whitespace runs mark the words); other text
-    goes through Arrow's kernels (`split_words`).
+    codes[offsets[i]:offsets[i+1]]. Lines end as `lines_from_bytes` says. The text is split
+    with numpy on the UTF-8 bytes themselves (whitespace runs mark the words); only text to
+    lower-case that is not ASCII goes through Arrow's kernels (`split_words`).
     """
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    if not data.isascii():
-        words = split_words(lines_from_bytes(data, where, first_line), lower)
-        codes, distinct = word_codes(words.flatten())
-        offsets = np.asarray(words.offsets, dtype=np.int64)
-        return codes, distinct, offsets - offsets[0]
+    ascii_text = data.isascii()
+    if not ascii_text:
+        if lower:  # Unicode lower case: Arrow's kernels
+            words = split_words(lines_from_bytes(data, where, first_line), lower)
+            codes, distinct = word_codes(words.flatten())
+            offsets = np.asarray(words.offsets, dtype=np.int64)
+            return codes, distinct, offsets - offsets[0]
+        check_utf8(data, where, first_line)
     raw = _padded(np.frombuffer(data, dtype=np.uint8))
     if lower:
         raw = _ASCII_LOWER[raw]
@@ -188,6 +212,8 @@ def encode_text(data: bytes, lower: bool = False, where: str = "text", first_lin
     np.greater(text, 0x20, out=word)
     controls = np.flatnonzero(text < 0x20)  # line ends, tabs; a control character that is no space is a letter
     word[controls] = ~_TEXT_SPACE[text[controls]]
+    if not ascii_text:
+        _mark_unicode_spaces(raw, word)
     # a word begins where the mask rises and ends where it falls (comparing booleans: numpy's fast nonzero)
     starts = np.flatnonzero(inside[1:] > inside[:-1])
     ends = np.flatnonzero(inside[1:] < inside[:-1])

@@ -81,6 +81,7 @@ def test_bench_ingest_measures_one_and_two_cpus_side_by_side() -> None:
     args = ["--tokens", "20000", "--distinct", "500", "--vocab", "100", "--files", "2", "--cpus", "1,2", "--json"]
     result = last_json(run_job("jobs.bench", "ingest", *args))
     assert result["vocab_size"] == 100 and result["format"] == "parquet"  # --vocab trims the 500 words
+    assert result["vocab_words"] == 500 and result["files"] == 2  # read back from what the stage saw
     assert result["tokens"] > 20_000  # the words plus one <eos> per line
     for n in (1, 2):
         assert result[f"tokens_per_s_{n}cpu"] > 0 and set(result[f"phase_seconds_{n}cpu"]) >= {"count", "encode"}

@@ -47,13 +47,24 @@ def test_the_lower_case_exceptions_are_exactly_those_arrow_gets_wrong() -> None:
 def test_encode_text_is_tokenize_line_by_line(lower: bool) -> None:
     cases = [b"", b"\n", b"a", b"a\n", b"a b\n\nc", b" a  b \n\t c\x1cd\x1f\n", b"x\r\ny\rz", b"\n\n", b"  \n"]
     cases += [b"A B\x7fC\x01D", "café \u00a0x\u2003y\nΣΑΣ\n".encode()]  # control bytes are letters; non-ASCII
-    cases += ["\n".join(every_character_lines()[:3000]).encode()]
+    # every code point as a separator: lower-casing non-ASCII text takes Arrow's kernels, the rest numpy's
+    cases += ["\n".join(every_character_lines()[: 3000 if lower else None]).encode()]
     for data in cases:
         codes, distinct, offsets = encode_text(data, lower)
         words = distinct.take(pa.array(codes)).to_pylist()
         lines = lines_from_bytes(data).to_pylist()
         got = [words[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
         assert got == [tokenize(line, lower) for line in lines], data[:60]
+
+
+def test_the_unicode_spaces_are_exactly_those_str_split_splits_on() -> None:
+    assert {c for c in CODE_POINTS if c >= 0x80 and chr(c).isspace()} == set(wordcodes.UNICODE_SPACES.tolist())
+
+
+def test_encode_text_names_the_line_that_is_not_utf8() -> None:
+    for lower in (False, True):
+        with pytest.raises(text.TextError, match=r"f\.txt: line 12 is not valid UTF-8"):
+            encode_text("café\nok\n".encode() + b"bad \xff\n", lower, "f.txt", first_line=10)
 
 
 def test_lines_end_as_in_text_mode() -> None:
