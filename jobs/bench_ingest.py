@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-len", type=int, default=8192)
     parser.add_argument("--unit-mb", type=int, default=64, help="MB of uncompressed text per task")
     parser.add_argument("--corpus", help="an existing corpus folder to read instead of writing one")
+    parser.add_argument("--lower", action="store_true", help="lower-case the words, as --lower of the stage")
 
 
-def measure(corpus: str, out: str, cpus: int, max_vocab: int, block_len: int, unit_mb: int) -> dict:
+def measure(corpus: str, out: str, cpus: int, max_vocab: int, block_len: int, unit_mb: int, lower: bool) -> dict:
     """The stage once, in this process, on a fresh local Ray of `cpus` CPUs (see the module docstring)."""
     from pipeline.prepare import prepare
     from pipeline.runconfig import DataConfig
@@ -45,7 +46,8 @@ def measure(corpus: str, out: str, cpus: int, max_vocab: int, block_len: int, un
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.get([_warm_up.remote() for _ in range(cpus)])
     try:
-        return prepare(DataConfig(train=corpus, max_vocab=max_vocab, block_len=block_len), out, unit_mb=unit_mb)
+        data = DataConfig(train=corpus, max_vocab=max_vocab, block_len=block_len, lower=lower)
+        return prepare(data, out, unit_mb=unit_mb)
     finally:
         ray.shutdown()
 
@@ -56,7 +58,7 @@ def _warm_up() -> None:
 
 
 def _prepare(corpus: str, out: str, cpus: int, args: argparse.Namespace) -> dict:
-    call = f"measure({corpus!r}, {out!r}, {cpus}, {args.vocab}, {args.block_len}, {args.unit_mb})"
+    call = f"measure({corpus!r}, {out!r}, {cpus}, {args.vocab}, {args.block_len}, {args.unit_mb}, {args.lower})"
     script = f"import json; from jobs.bench_ingest import measure; print(json.dumps({call}))"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         "format": fmt,
         "vocab_words": distinct,
         "max_vocab": args.vocab,
+        "lower": args.lower,
         "files": len(files),
         "tokens": first["splits"]["train"]["tokens"],
         "vocab_size": first["vocab"]["size"],

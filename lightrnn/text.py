@@ -1,14 +1,12 @@
-"""The text rules: what a line is, what a word is, and a 64-bit hash of each word.
+"""The text rules: what a line is and what a word is.
 
-`tokenize` is the rule, for one line in Python. The Arrow functions apply the same rule to
-many lines at once in C++ kernels, for the corpus stage at scale; the tests hold them to
-`tokenize` on every Unicode whitespace and case character.
-
-    bytes  --lines_from_bytes-->  lines (large_string)  --split_words-->  list<word> per line
+`tokenize` is the rule, for one line in Python. `lightrnn.wordcodes.encode_text` applies
+it to many lines at once with numpy, for the corpus stage at scale; the tests hold the two
+together on every Unicode whitespace and case character.
 
 A line ends at "\\r\\n", "\\r" or "\\n" (universal newlines, as Python's text mode reads);
-a last line without a line end still counts. Words are the runs of characters between
-Unicode whitespace (`str.split()`; Arrow's `utf8_split_whitespace` splits on the same set).
+a last line without a line end still counts (`lines_from_bytes`). Words are the runs of
+characters between Unicode whitespace (`str.split()`).
 """
 
 from __future__ import annotations
@@ -33,11 +31,11 @@ def tokenize(line: str, lower: bool = False) -> list[str]:
     return (line.lower() if lower else line).split()
 
 
-# -- many lines at once (Arrow) --------------------------------------------------------------
+# -- many strings at once (Arrow) ------------------------------------------------------------
 
 # Characters whose lower case Arrow's utf8_lower (utf8proc) gives differently from Python's
-# str.lower() (Greek capital sigma: Python writes a final sigma at a word's end); lines holding
-# one are lower-cased in Python. The tests recompute this set over every code point.
+# str.lower() (Greek capital sigma: Python writes a final sigma at a word's end); strings
+# holding one are lower-cased in Python. The tests recompute this set over every code point.
 _LOWER_DIFFERS = (
     "\u03a3\u0130\u1c89\ua7cb\ua7cc\ua7ce\ua7d2\ua7d4\ua7da\ua7dc"
     "\U00010d50\U00010d51\U00010d52\U00010d53\U00010d54\U00010d55\U00010d56\U00010d57\U00010d58"
@@ -122,94 +120,11 @@ def documents_text(texts: pa.Array) -> tuple[bytes, int]:
     return np.insert(data, ends[unclosed], 0x0A).tobytes(), nulls
 
 
-def _ascii_lines(lines: pa.Array) -> np.ndarray:
-    """Per line: True when Arrow's faster ASCII kernels split it as `str.split()` does.
-
-    That is ASCII without the separators \x1c-\x1f, which Python counts as whitespace and
-    Arrow's ASCII kernels do not. Checked on the whole buffer first (one pass each).
-    """
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)[lines.offset : lines.offset + len(lines) + 1]
-    data = np.frombuffer(lines.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]] if len(lines) else []
-    if len(data) == 0:
-        return np.ones(len(lines), dtype=bool)
-    if data.max() < 0x80 and not np.any((data - np.uint8(0x1C)) < 4):
-        return np.ones(len(lines), dtype=bool)
-    special = np.concatenate([[0], np.cumsum((data >= 0x80) | ((data - np.uint8(0x1C)) < 4), dtype=np.int64)])
-    rel = offsets - offsets[0]
-    return special[rel[1:]] == special[rel[:-1]]
-
-
-_ASCII_SPACE = np.zeros(256, dtype=bool)
-_ASCII_SPACE[[0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20]] = True
-
-
-def _ascii_edges_have_space(lines: pa.Array) -> bool:
-    """Whether any line starts or ends with ASCII whitespace (one look at each line's two ends)."""
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)[lines.offset : lines.offset + len(lines) + 1]
-    if len(lines) == 0 or offsets[-1] == offsets[0]:
-        return False
-    data = np.frombuffer(lines.buffers()[2], dtype=np.uint8)
-    starts, ends = offsets[:-1], offsets[1:]
-    filled = ends > starts
-    return bool(_ASCII_SPACE[data[starts[filled]]].any() or _ASCII_SPACE[data[ends[filled] - 1]].any())
-
-
-def _split(lines: pa.Array, ascii_kernels: bool, lower: bool) -> pa.ListArray:
-    if lower:
-        lines = pc.ascii_lower(lines) if ascii_kernels else _lower(lines)
-    trim, split = (
-        (pc.ascii_trim_whitespace, pc.ascii_split_whitespace)
-        if ascii_kernels
-        else (pc.utf8_trim_whitespace, pc.utf8_split_whitespace)
-    )
-    # str.split() drops leading and trailing whitespace; trimming copies every line, so only when needed
-    trimmed = lines if ascii_kernels and not _ascii_edges_have_space(lines) else trim(lines)
-    lists = split(trimmed)
-    # a line with no words splits into one empty string; drop it
-    blank = pc.equal(pc.binary_length(trimmed), 0).to_numpy(zero_copy_only=False)
-    if not blank.any():
-        return lists
-    words = lists.flatten()
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False) - blank
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), words.filter(pc.greater(pc.binary_length(words), 0)))
-
-
-def split_words(lines: pa.Array, lower: bool = False) -> pa.ListArray:
-    """The words of each line (`tokenize`, in C++): a list<large_string> array, one list per line.
-
-    Lines that are plain ASCII go through Arrow's ASCII kernels (several times faster), the
-    others through its Unicode ones; both split exactly as `str.split()` does.
-    """
-    lines = lines.cast(pa.large_string())
-    fast = _ascii_lines(lines)
-    if fast.all() or not fast.any():
-        return _split(lines, bool(fast.all()), lower)
-    # mixed: split each kind apart, then put every line's words back in line order
-    fast_lists = _split(lines.filter(pa.array(fast)), True, lower)
-    slow_lists = _split(lines.filter(pa.array(~fast)), False, lower)
-    lengths = np.empty(len(lines), dtype=np.int64)
-    lengths[fast] = pc.list_value_length(fast_lists).to_numpy(zero_copy_only=False)
-    lengths[~fast] = pc.list_value_length(slow_lists).to_numpy(zero_copy_only=False)
-    fast_words, slow_words = fast_lists.flatten(), slow_lists.flatten()
-    first = np.empty(len(lines), dtype=np.int64)  # where each line's words start in fast + slow
-    first[fast] = np.asarray(fast_lists.offsets)[:-1] - fast_lists.offsets[0].as_py()
-    first[~fast] = len(fast_words) + np.asarray(slow_lists.offsets)[:-1] - slow_lists.offsets[0].as_py()
-    offsets = np.zeros(len(lines) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    order = np.repeat(first - offsets[:-1], lengths) + np.arange(offsets[-1])
-    words = pa.concat_arrays([fast_words, slow_words]).take(pa.array(order))
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), words)
-
-
-def _lower(lines: pa.Array) -> pa.Array:
-    lowered = pc.utf8_lower(lines)
-    odd = pc.match_substring_regex(lines, _LOWER_DIFFERS_PATTERN)
+def lower_case(strings: pa.Array) -> pa.Array:
+    """Python's `str.lower()` of each string: Arrow's utf8_lower, and Python for the few characters it gets wrong."""
+    lowered = pc.utf8_lower(strings)
+    odd = pc.match_substring_regex(strings, _LOWER_DIFFERS_PATTERN)
     if not pc.any(odd).as_py():
         return lowered
-    picks = np.flatnonzero(odd.to_numpy(zero_copy_only=False))
-    fixed = lowered.to_pylist()
-    for i in picks.tolist():  # rare: only lines holding one of these characters
-        fixed[i] = lines[i].as_py().lower()
-    return pa.array(fixed, lowered.type)
+    fixed = [s.lower() for s in strings.filter(odd).to_pylist()]  # rare: only strings holding one of them
+    return pc.replace_with_mask(lowered, odd, pa.array(fixed, lowered.type))

@@ -3,8 +3,7 @@
 A word is a span (start, length) of a byte buffer. Everything here works on spans with
 numpy, so a chunk of text is never cut into millions of Python strings:
 
-    bytes of lines  --spans-->  (start, length) of every word   (ASCII: numpy on the bytes;
-                                                                 otherwise Arrow's kernels)
+    bytes of lines  --spans-->  (start, length) of every word   (numpy on the UTF-8 bytes)
     spans  --keys-->  one uint64 per word: its bytes if it has at most 7, else a hash
     keys  --Arrow's integer hash table-->  codes into the chunk's distinct words
 
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightrnn.text import check_utf8, lines_from_bytes, split_words
+from lightrnn.text import check_utf8, lower_case
 
 Encoded = tuple[np.ndarray, pa.Array, np.ndarray]  # (codes, distinct words, each line's first word)
 
@@ -190,18 +189,14 @@ def encode_text(data: bytes, lower: bool = False, where: str = "text", first_lin
 
     Returns (codes (n,) int32, distinct words, offsets (lines + 1,)): line i holds the words
     codes[offsets[i]:offsets[i+1]]. Lines end as `lines_from_bytes` says. The text is split
-    with numpy on the UTF-8 bytes themselves (whitespace runs mark the words); only text to
-    lower-case that is not ASCII goes through Arrow's kernels (`split_words`).
+    with numpy on its UTF-8 bytes (whitespace runs mark the words); with `lower`, ASCII
+    letters are lower-cased on the bytes and, in text beyond ASCII, the distinct words then
+    as `str.lower()` does (a word's lower case never depends on the words around it).
     """
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     ascii_text = data.isascii()
     if not ascii_text:
-        if lower:  # Unicode lower case: Arrow's kernels
-            words = split_words(lines_from_bytes(data, where, first_line), lower)
-            codes, distinct = word_codes(words.flatten())
-            offsets = np.asarray(words.offsets, dtype=np.int64)
-            return codes, distinct, offsets - offsets[0]
         check_utf8(data, where, first_line)
     raw = _padded(np.frombuffer(data, dtype=np.uint8))
     if lower:
@@ -223,4 +218,7 @@ def encode_text(data: bytes, lower: bool = False, where: str = "text", first_lin
     offsets[1 : line_ends.size + 1] = np.searchsorted(starts, line_ends)
     offsets[line_ends.size + 1 :] = starts.size
     codes, distinct = _span_codes(raw, starts, ends - starts)
+    if lower and not ascii_text:  # Unicode lower case, once per distinct word; words may merge
+        remap, distinct = word_codes(lower_case(distinct))
+        codes = remap[codes]
     return codes, distinct, offsets
