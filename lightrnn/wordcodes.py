@@ -170,7 +170,8 @@ def _mark_unicode_spaces(raw: np.ndarray, word: np.ndarray) -> None:
     """Mark the bytes of the whitespace characters beyond ASCII (2 or 3 bytes of valid UTF-8) as no word's."""
     text = raw[:-8]
     lead = np.flatnonzero(text >= 0xC2)
-    lead = lead[(text[lead] == 0xC2) | ((text[lead] >= 0xE1) & (text[lead] <= 0xE3))]  # where such spaces begin
+    byte = text[lead]
+    lead = lead[(byte == 0xC2) | ((byte >= 0xE1) & (byte <= 0xE3))]  # the first bytes such spaces can have
     if not lead.size:
         return
     b0, b1, b2 = (raw[lead + k].astype(np.int32) for k in range(3))
