@@ -294,11 +294,12 @@ def prepare(
     *,
     unit_mb: int = UNIT_MB,
     partitions: int = 0,
+    chunk_mb: int = CHUNK_MB,
 ) -> dict[str, Any]:
     """Run the stage (Ray must be initialised); returns the manifest. Idempotent per config.
 
     `storage_options` are s3fs keywords (e.g. an endpoint) for the inputs and the output;
-    `unit_mb` sizes the units of text (read CHUNK_MB at a time);
+    `unit_mb` sizes the units of text, `chunk_mb` the text tokenised at a time within a unit;
     `partitions` is the number of word-count partitions (0: one per PARTITION_BYTES of train
     text, at least two per cluster CPU). None of these changes the dataset, so none is recorded.
     """
@@ -306,8 +307,10 @@ def prepare(
     reset_peak()
     if output.startswith("memory://"):
         raise ValueError(f"{output}: memory:// lives in one process; Ray workers cannot see it")
-    if unit_mb < 1 or partitions < 0:
-        raise ValueError(f"unit_mb must be >= 1 and partitions >= 0, got {unit_mb} and {partitions}")
+    if unit_mb < 1 or chunk_mb < 1 or partitions < 0:
+        raise ValueError(
+            f"unit_mb and chunk_mb must be >= 1 and partitions >= 0, got {unit_mb}, {chunk_mb} and {partitions}"
+        )
     root, so = output.rstrip("/"), dict(storage_options or {})
     recorded = asdict(data)  # everything in it defines the dataset
     if storage.check_output(root, recorded, so):
@@ -315,7 +318,7 @@ def prepare(
         return {**storage.read_manifest(root, so), "skipped": True}
     _clear_unfinished(root, so)
     run_id = uuid.uuid4().hex[:8]  # in shard names, so a killed run's files are never mistaken for ours
-    reading = Reading(data.lower, data.text_column, min(unit_mb, CHUNK_MB) << 20, so)
+    reading = Reading(data.lower, data.text_column, min(unit_mb, chunk_mb) << 20, so)
     clock = [time.perf_counter()]
 
     def lap() -> float:

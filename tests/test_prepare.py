@@ -285,10 +285,14 @@ def test_a_large_text_file_is_split_into_tasks_that_give_the_same_dataset(ptb_di
     big.write_bytes(lzma.decompress((ptb_dir / "ptb.train.txt.xz").read_bytes()))  # 5.1 MB, one file
     split = prepare(DataConfig(train=str(big), block_len=1000, max_vocab=5000), str(tmp_path / "a"), unit_mb=1)
     whole = prepare(DataConfig(train=str(big), block_len=1000, max_vocab=5000), str(tmp_path / "b"), unit_mb=64)
+    # one task reads the file in 1 MB chunks and merges their dictionaries
+    chunked = prepare(DataConfig(train=str(big), block_len=1000, max_vocab=5000), str(tmp_path / "c"), chunk_mb=1)
     assert split["splits"]["train"]["units"] == 5 and whole["splits"]["train"]["units"] == 1
-    a, b = open_dataset(str(tmp_path / "a")), open_dataset(str(tmp_path / "b"))
-    assert a.vocab() == b.vocab() == Vocabulary.build(count_words([big]), 5000)
+    assert chunked["splits"]["train"]["units"] == 1
+    a, b, c = (open_dataset(str(tmp_path / x)) for x in "abc")
+    assert a.vocab() == b.vocab() == c.vocab() == Vocabulary.build(count_words([big]), 5000)
     np.testing.assert_array_equal(a.tokens("train"), b.tokens("train"))
+    np.testing.assert_array_equal(c.tokens("train"), b.tokens("train"))
     assert any("edges" in s for s in split["splits"]["train"]["shards"])  # blocks span the units
 
 
