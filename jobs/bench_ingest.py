@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--files", type=int, default=8, help="corpus files")
     parser.add_argument("--cpus", default="1,2", help="Ray CPU counts to compare, comma-separated")
     parser.add_argument("--block-len", type=int, default=8192)
-    parser.add_argument("--unit-mb", type=int, default=64, help="MB of uncompressed text per task")
+    parser.add_argument("--unit-mb", type=int, default=64, help="MB of text per task (--unit-mb of the stage)")
     parser.add_argument("--corpus", help="an existing corpus folder to read instead of writing one")
     parser.add_argument("--lower", action="store_true", help="lower-case the words, as --lower of the stage")
 

@@ -94,10 +94,12 @@ def _raise_bad_line(data: bytes, where: str, first_line: int) -> NoReturn:
     ) from None
 
 
-def _offsets_and_bytes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A large_string array's offsets and the bytes they index (from offsets[0]), without copies."""
-    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
-    return offsets, np.frombuffer(texts.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+def offsets_and_bytes(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A large_string array's offsets (n + 1) and the bytes they index (from offsets[0]), without copies."""
+    if len(strings) == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint8)
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64)[strings.offset : strings.offset + len(strings) + 1]
+    return offsets, np.frombuffer(strings.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
 
 
 def documents_text(texts: pa.Array) -> tuple[bytes, int]:
@@ -111,10 +113,10 @@ def documents_text(texts: pa.Array) -> tuple[bytes, int]:
     texts = (texts.drop_null() if nulls else texts).cast(pa.large_string())
     if len(texts) == 0:
         return b"", nulls
-    offsets, data = _offsets_and_bytes(texts)
+    offsets, data = offsets_and_bytes(texts)
     if (data == 0x0D).any():  # universal newlines: every line end as "\n" (one numpy pass finds a "\r")
         texts = pc.replace_substring(pc.replace_substring(texts, "\r\n", "\n"), "\r", "\n")
-        offsets, data = _offsets_and_bytes(texts)
+        offsets, data = offsets_and_bytes(texts)
     starts, ends = offsets[:-1] - offsets[0], offsets[1:] - offsets[0]
     unclosed = (ends > starts) & (data[np.maximum(ends - 1, 0)] != 0x0A)  # its last line has no line end
     return np.insert(data, ends[unclosed], 0x0A).tobytes(), nulls

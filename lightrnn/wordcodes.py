@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightrnn.text import check_utf8, lower_case
+from lightrnn.text import check_utf8, lower_case, offsets_and_bytes
 
 Encoded = tuple[np.ndarray, pa.Array, np.ndarray]  # (codes, distinct words, each line's first word)
 
@@ -53,12 +53,8 @@ def _padded(data: np.ndarray) -> np.ndarray:
 def _spans(words: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(padded bytes, starts, lengths) of a string array's words."""
     words = words.combine_chunks() if isinstance(words, pa.ChunkedArray) else words
-    words = words.cast(pa.large_string())
-    n = len(words)
-    offsets = np.frombuffer(words.buffers()[1], dtype=np.int64)[words.offset : words.offset + n + 1]
-    base, end = (int(offsets[0]), int(offsets[-1])) if n else (0, 0)
-    data = np.frombuffer(words.buffers()[2], dtype=np.uint8)[base:end] if n else np.zeros(0, np.uint8)
-    return _padded(data), offsets[:-1] - base, np.diff(offsets)
+    offsets, data = offsets_and_bytes(words.cast(pa.large_string()))
+    return _padded(data), offsets[:-1] - offsets[0], np.diff(offsets)
 
 
 def _hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, *seeds: int) -> list[np.ndarray]:

@@ -227,7 +227,7 @@ def unit_chunks(
         _check_text_column(pf, unit.uri, text_column)
         groups = range(unit.start, unit.stop)
         rows = sum(pf.metadata.row_group(g).num_rows for g in groups)
-        batch_rows = max(1, chunk_bytes * rows // max(1, sum(_text_bytes(pf, g, text_column) for g in groups)))
+        batch_rows = max(1, chunk_bytes * rows // max(1, unit.size))  # unit.size: its groups' text bytes
         # one thread: the unit is the task's share of the cluster's CPUs
         read = {"row_groups": list(groups), "columns": [text_column], "use_threads": False}
         for batch in pf.iter_batches(batch_size=batch_rows, **read):
